@@ -1,0 +1,1 @@
+"""One module per cag-node sub-command; each exposes register(subparsers)."""
