@@ -1,0 +1,390 @@
+"""Processing of one complete study: frames → selector → VLM → SR + KOS → outbox.
+
+Called by the node's worker pool (off the association threads) for each queued
+job.  Each stage is a journal state change (``stage`` on the study row) with
+its own timeout, its latency observed in ``/metrics``, and its error recorded
+against the study.  A stage that hangs is abandoned after its timeout and the
+study is failed with a clear reason: a stuck model must never stall the node.
+
+Instances that are not angiography (per ``processing.modalities``), single
+frames, and runs the selector finds no usable frame in are recorded with the
+reason, and the study still gets an SR that says what was and was not analysed.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pydicom
+
+from inference.types import ReportText, RunSelection, StudyResult
+
+log = logging.getLogger(__name__)
+
+
+class StageTimeout(RuntimeError):
+    """A pipeline stage ran past its configured timeout."""
+
+
+class StageError(RuntimeError):
+    """A pipeline stage failed; ``stage`` names it."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(f"{stage}: {message}")
+        self.stage = stage
+
+
+# One daemon thread pool per stage: a hung call occupies at most its own
+# stage's threads, and daemon threads never block interpreter exit.
+_EXECUTORS: dict[str, cf.ThreadPoolExecutor] = {}
+_EXEC_LOCK = threading.Lock()
+
+
+def _executor(stage: str) -> cf.ThreadPoolExecutor:
+    with _EXEC_LOCK:
+        ex = _EXECUTORS.get(stage)
+        if ex is None:
+            ex = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"stage-{stage}")
+            _EXECUTORS[stage] = ex
+        return ex
+
+
+def run_with_timeout(stage: str, timeout_s: float, fn: Callable[..., Any], *args, **kwargs) -> Any:
+    fut = _executor(stage).submit(fn, *args, **kwargs)
+    try:
+        return fut.result(timeout=timeout_s)
+    except cf.TimeoutError:
+        fut.cancel()
+        raise StageTimeout(f"{stage} did not finish within {timeout_s:g} s") from None
+
+
+@dataclass
+class _Timer:
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def record(self, stage: str, seconds: float, node) -> None:
+        self.timings[stage] = round(seconds, 3)
+        metrics = getattr(node, "metrics", None)
+        if metrics is not None and hasattr(metrics, "observe_stage"):
+            metrics.observe_stage(stage, seconds)
+
+
+# ---------------------------------------------------------------------------
+# Model runtimes, cached per node (loading a model per study would dominate).
+# ---------------------------------------------------------------------------
+_RUNTIME_LOCK = threading.Lock()
+
+
+def _bundle(node):
+    b = getattr(node, "_pipeline_bundle", None)
+    if b is None:
+        from inference.bundle import Bundle
+
+        bdir = getattr(node, "bundle_dir", None) or node.config.bundle_dir
+        b = Bundle.load(bdir)
+        node._pipeline_bundle = b
+    return b
+
+
+def _selector(node):
+    with _RUNTIME_LOCK:
+        sel = getattr(node, "_pipeline_selector", None)
+        if sel is None:
+            from inference.selector import Selector
+
+            c = node.config.selector
+            sel = Selector(_bundle(node), threads=c.threads, batch_size=c.batch_size, providers=c.providers)
+            node._pipeline_selector = sel
+        return sel
+
+
+def _vlm(node):
+    with _RUNTIME_LOCK:
+        be = getattr(node, "_pipeline_vlm", None)
+        if be is None:
+            if node.config.vlm.backend == "none":
+                return None
+            from inference.vlm import load_backend
+
+            be = load_backend(node.config.vlm, _bundle(node))
+            node._pipeline_vlm = be
+        return be
+
+
+# ---------------------------------------------------------------------------
+def _frames_at(path: str, numbers: list[int]) -> dict[int, Any]:
+    """Decode only as far as the last wanted frame; keep just the wanted ones (1-based)."""
+    from inference.frames import open_run
+
+    wanted = set(numbers)
+    out: dict[int, Any] = {}
+    if not wanted:
+        return out
+    last = max(wanted)
+    for i, frame in enumerate(open_run(path).iter_frames(), start=1):
+        if i in wanted:
+            out[i] = frame
+        if i >= last:
+            break
+    return out
+
+
+def _classify_instances(instances, modalities: list[str]):
+    """Split a study's instances into runs to analyse and the rest (with reasons)."""
+    runs, skipped = [], []
+    for inst in instances:
+        modality = (getattr(inst, "modality", "") or "").upper()
+        reason = None
+        if modality not in modalities:
+            reason = f"modality {modality or '(none)'} is not analysed"
+        elif getattr(inst, "processable", True) is False:
+            reason = getattr(inst, "reason", None) or "not processable"
+        else:
+            nframes = getattr(inst, "n_frames", None)
+            if nframes is not None and nframes < 2:
+                reason = "single frame: not a cine run"
+        if reason:
+            skipped.append({"sop_instance_uid": inst.sop_instance_uid, "reason": reason})
+        else:
+            runs.append(inst)
+    return runs, skipped
+
+
+def _select(node, runs) -> list[RunSelection]:
+    sel = _selector(node)
+    c = node.config.selector
+    out = []
+    for inst in runs:
+        try:
+            r = sel.select_run(inst.path, min_gap=c.min_gap, max_key_frames=c.max_key_frames)
+        except Exception as exc:  # one bad run never fails the study
+            r = RunSelection(file=str(inst.path), sop_instance_uid=inst.sop_instance_uid, error=str(exc))
+        if not r.series_instance_uid:
+            r.series_instance_uid = getattr(inst, "series_instance_uid", "") or ""
+        if not r.sop_class_uid:
+            r.sop_class_uid = getattr(inst, "sop_class_uid", "") or ""
+        out.append(r)
+    return out
+
+
+def _key_images(node, selections: list[RunSelection]) -> dict[str, list]:
+    """The key frames per side, best first, at most vlm.max_images in all."""
+    by_side: dict[str, list[tuple[float, str, int]]] = {"LCA": [], "RCA": []}
+    for r in selections:
+        if not r.ok:
+            continue
+        for k in r.key_frames:
+            by_side[r.laterality].append((k.score, r.file, k.frame_number))
+    limit = node.config.vlm.max_images
+    images: dict[str, list] = {}
+    per_side = max(1, limit // max(1, sum(1 for v in by_side.values() if v)))
+    for side, items in by_side.items():
+        items.sort(key=lambda t: -t[0])
+        chosen = items[:per_side]
+        frames = []
+        by_file: dict[str, list[int]] = {}
+        for _, f, n in chosen:
+            by_file.setdefault(f, []).append(n)
+        decoded = {f: _frames_at(f, ns) for f, ns in by_file.items()}
+        for _, f, n in chosen:
+            if n in decoded[f]:
+                frames.append(decoded[f][n])
+        if frames:
+            images[side] = frames
+    return images
+
+
+def _no_runs_report(selections: list[RunSelection], skipped: list[dict], languages) -> dict[str, ReportText]:
+    n_err = sum(1 for r in selections if not r.ok)
+    en = ReportText(
+        findings=f"No coronary angiography run could be analysed ({len(selections)} run(s) examined, "
+        f"{n_err} without a usable frame; {len(skipped)} instance(s) not angiography).",
+        impression="No AI assessment.",
+        recommendation="Review the study without AI assistance.",
+    )
+    ja = ReportText(
+        findings=f"解析可能な冠動脈造影ランがありませんでした（{len(selections)}ランを確認、"
+        f"{n_err}ランは使用可能なフレームなし、{len(skipped)}件は造影以外）。",
+        impression="AI評価なし。",
+        recommendation="AI支援なしで検査を読影してください。",
+    )
+    d = {"en": en, "ja": ja}
+    return {k: d[k] for k in languages if k in d}
+
+
+def _read_headers(paths: list[str]) -> list[pydicom.Dataset]:
+    out = []
+    for p in paths:
+        try:
+            out.append(pydicom.dcmread(p, stop_before_pixels=True, force=True))
+        except Exception as exc:  # a header we cannot read is simply not referenced
+            log.warning("cannot read header of %s: %s", os.path.basename(p), exc)
+    return out
+
+
+def _atomic_write(ds: pydicom.Dataset, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    ds.save_as(tmp, enforce_file_format=True)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def results_dir(node, study_uid: str) -> Path:
+    return Path(node.config.spool_dir) / "results" / study_uid
+
+
+def _predecessor(node, study_uid: str) -> Optional[pydicom.Dataset]:
+    """The newest SR this node wrote for the study, if any (a re-processed study references it)."""
+    d = results_dir(node, study_uid)
+    if not d.is_dir():
+        return None
+    srs = []
+    for p in d.glob("SR_*.dcm"):
+        try:
+            srs.append((p.stat().st_mtime_ns, p))
+        except OSError:
+            pass
+    if not srs:
+        return None
+    srs.sort()
+    return pydicom.dcmread(srs[-1][1], stop_before_pixels=True)
+
+
+def process_study(node, study_uid: str) -> dict:
+    """Run the whole pipeline for one study.  Returns a summary (also logged)."""
+    cfg = node.config
+    journal = node.journal
+    timer = _Timer()
+    t_all = time.monotonic()
+
+    def stage(name: str) -> None:
+        journal.set_study_state(study_uid, "processing", stage=name)
+
+    try:
+        stage("frames")
+        t0 = time.monotonic()
+        instances = journal.study_instances(study_uid)
+        runs, skipped = _classify_instances(instances, [m.upper() for m in cfg.processing.modalities])
+        timer.record("frames", time.monotonic() - t0, node)
+
+        stage("selector")
+        t0 = time.monotonic()
+        try:
+            selections = run_with_timeout("selector", cfg.processing.selector_timeout_s, _select, node, runs) if runs else []
+        except StageTimeout as exc:
+            raise StageError("selector", str(exc)) from None
+        timer.record("selector", time.monotonic() - t0, node)
+        for r in selections:
+            if not r.ok:
+                skipped.append({"sop_instance_uid": r.sop_instance_uid, "reason": r.error or "no usable frame"})
+
+        stage("vlm")
+        t0 = time.monotonic()
+        usable = [r for r in selections if r.ok]
+        languages = list(cfg.processing.languages)
+        if usable:
+            backend = _vlm(node)
+            if backend is None:
+                report = {
+                    lang: ReportText(findings="", impression="", recommendation="", format_ok=False)
+                    for lang in languages
+                }
+            else:
+                from inference.vlm import report_study
+
+                def _vlm_stage():
+                    images = _key_images(node, usable)
+                    return report_study(backend, images, languages=languages)
+
+                try:
+                    report = run_with_timeout("vlm", cfg.processing.vlm_timeout_s, _vlm_stage)
+                except StageTimeout as exc:
+                    raise StageError("vlm", str(exc)) from None
+        else:
+            report = _no_runs_report(selections, skipped, languages)
+        timer.record("vlm", time.monotonic() - t0, node)
+
+        stage("encode")
+        t0 = time.monotonic()
+        model_info = _bundle(node).model_info()
+        result = StudyResult(
+            study_instance_uid=study_uid,
+            runs=usable,
+            report=report,
+            model=model_info,
+            not_analysed=skipped,
+        )
+
+        def _encode():
+            from dicom_node.kos import build_kos
+            from dicom_node.sr import build_sr
+
+            headers = _read_headers([str(i.path) for i in instances])
+            predecessor = _predecessor(node, study_uid)
+            sr = build_sr(headers, result, predecessor=predecessor)
+            outs = [("SR", sr)]
+            if cfg.processing.send_kos and any(r.key_frames for r in usable):
+                outs.append(("KO", build_kos(headers, result)))
+            written = []
+            for kind, ds in outs:
+                p = results_dir(node, study_uid) / f"{kind}_{ds.SOPInstanceUID}.dcm"
+                _atomic_write(ds, p)
+                written.append((kind, str(ds.SOPInstanceUID), p))
+            return written
+
+        try:
+            written = run_with_timeout("encode", cfg.processing.encode_timeout_s, _encode)
+        except StageTimeout as exc:
+            raise StageError("encode", str(exc)) from None
+        timer.record("encode", time.monotonic() - t0, node)
+
+        journal.set_study_state(study_uid, "reported", stage="outbox")
+        outbox = getattr(node, "outbox", None)
+        if outbox is not None:
+            for _kind, sop_uid, path in written:
+                outbox.enqueue(study_uid, sop_uid, str(path))
+        timer.record("total", time.monotonic() - t_all, node)
+        summary = {
+            "study_uid": study_uid,
+            "runs": len(selections),
+            "analysed": len(usable),
+            "not_analysed": len(skipped),
+            "results": [{"kind": k, "sop_instance_uid": u, "path": str(p)} for k, u, p in written],
+            "timings": timer.timings,
+        }
+        _save_timings(journal, study_uid, timer.timings)
+        log.info("study %s reported: %d run(s) analysed, %d not; %s", study_uid, len(usable), len(skipped),
+                 ", ".join(f"{k}={v:.2f}s" for k, v in timer.timings.items()))
+        return summary
+    except Exception as exc:
+        stage_name = exc.stage if isinstance(exc, StageError) else "pipeline"
+        _save_timings(journal, study_uid, timer.timings)
+        journal.set_study_state(study_uid, "failed", stage=stage_name, error=str(exc)[:2000])
+        log.error("study %s failed in %s: %s", study_uid, stage_name, exc)
+        raise
+
+
+def _save_timings(journal, study_uid: str, timings: dict) -> None:
+    fn = getattr(journal, "set_study_timings", None)
+    if fn is not None and timings:
+        try:
+            fn(study_uid, timings)
+        except Exception:  # timings are informative only
+            log.debug("could not save timings", exc_info=True)
