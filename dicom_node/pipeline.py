@@ -83,13 +83,11 @@ _RUNTIME_LOCK = threading.Lock()
 
 
 def _bundle(node):
-    b = getattr(node, "_pipeline_bundle", None)
+    b = getattr(node, "bundle", None)  # Node loads and verifies it once
     if b is None:
         from inference.bundle import Bundle
 
-        bdir = getattr(node, "bundle_dir", None) or node.config.bundle_dir
-        b = Bundle.load(bdir)
-        node._pipeline_bundle = b
+        b = Bundle.load(node.config.bundle_dir)
     return b
 
 
@@ -151,7 +149,8 @@ def _classify_instances(instances, modalities: list[str]):
             if nframes is not None and nframes < 2:
                 reason = "single frame: not a cine run"
         if reason:
-            skipped.append({"sop_instance_uid": inst.sop_instance_uid, "reason": reason})
+            # "expected": out of scope by configuration, which keeps the SR COMPLETE.
+            skipped.append({"sop_instance_uid": inst.sop_instance_uid, "reason": reason, "expected": True})
         else:
             runs.append(inst)
     return runs, skipped

@@ -1,0 +1,582 @@
+"""Encode a :class:`~inference.types.StudyResult` as a DICOM Comprehensive SR.
+
+The document follows the "Result encoding" section of ``design.md`` (IHE AI
+Results as far as a text report allows):
+
+* one Comprehensive SR (1.2.840.10008.5.1.4.1.1.88.33) in the source study,
+  ``SpecificCharacterSet`` ISO_IR 192 so English and Japanese share one document;
+* a coded title from CID 7000 (LOINC 18745-0 "Cardiac Catheterization Report"
+  by default, or the private ``TITLE_CAG_AI_REPORT``);
+* an observer context naming the algorithm as a Device observer (TID 1002/1004,
+  Device Observer UID = the bundle's Device UID) and TID 4019 Algorithm
+  Identification (name, version, parameters);
+* a plain "AI-generated draft, not verified" statement (and, for a bundle
+  trained on synthetic data, a statement saying so);
+* one CONTAINER per language, tagged with TID 1204 "Language of Content Item and
+  Descendants" (RFC 5646 ``en`` / ``ja``), holding Findings / Impressions /
+  Recommendations TEXT items (LOINC 59776-5, 19005-8, 18783-1);
+* one CONTAINER per analysed run with the imaged coronary artery as a CODE
+  (SCT "Left Coronary Artery" / "Right Coronary Artery") and every key frame as
+  an IMAGE item with ``ReferencedFrameNumber``;
+* a CONTAINER listing the runs that were not analysed and why;
+* ``ContributingEquipmentSequence`` (purpose "Processing Equipment", with the
+  Device UID, Manufacturer, SoftwareVersions), ``CompletionFlag`` PARTIAL or
+  COMPLETE, ``VerificationFlag`` UNVERIFIED, ``PreliminaryFlag`` PRELIMINARY,
+  ``CurrentRequestedProcedureEvidenceSequence`` listing every source instance and
+  ``PredecessorDocumentsSequence`` when the study was re-processed.
+
+Real headers are incomplete: highdicom raises on absent PatientName, PatientID,
+PatientBirthDate, PatientSex, AccessionNumber, StudyID, StudyDate, StudyTime or
+ReferringPhysicianName.  :func:`prepare_evidence` copies the source headers and
+adds the absent Type 2 attributes *empty* — it never invents PHI.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import logging
+import shutil
+import subprocess
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Optional
+
+import highdicom as hd
+import highdicom.coding_schemes  # noqa: F401  (loads hd.coding_schemes)
+from highdicom.sr import (
+    CodeContentItem,
+    CodedConcept,
+    ContainerContentItem,
+    ImageContentItem,
+    RelationshipTypeValues,
+    TextContentItem,
+)
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pydicom.valuerep import DA, TM
+
+from inference.types import SECTIONS, KeyFrame, ModelInfo, RunSelection, StudyResult
+
+log = logging.getLogger(__name__)
+
+COMPREHENSIVE_SR_UID = "1.2.840.10008.5.1.4.1.1.88.33"
+CHARSET = "ISO_IR 192"
+MANUFACTURER = "cag-node"
+
+# --------------------------------------------------------------------------
+# Codes.  Standard codes are checked against pydicom's copy of PS3.16 in the
+# tests; private ones use the coding scheme 99CAG (declared in the
+# CodingSchemeIdentificationSequence of every object that uses them).
+# --------------------------------------------------------------------------
+PRIVATE_SCHEME = "99CAG"
+
+
+def _c(value: str, scheme: str, meaning: str) -> CodedConcept:
+    return CodedConcept(value=value, scheme_designator=scheme, meaning=meaning)
+
+
+TITLE_CATH_REPORT = _c("18745-0", "LN", "Cardiac Catheterization Report")  # CID 7000
+TITLE_CAG_AI_REPORT = _c("CAG001", PRIVATE_SCHEME, "Coronary angiography AI report")
+
+SECTION_CODES: dict[str, CodedConcept] = {
+    "findings": _c("59776-5", "LN", "Findings"),
+    "impression": _c("19005-8", "LN", "Impressions"),
+    "recommendation": _c("18783-1", "LN", "Recommendations"),
+}
+LANGUAGE_CODE = _c("121049", "DCM", "Language of Content Item and Descendants")
+LANGUAGES: dict[str, CodedConcept] = {
+    "en": _c("en", "RFC5646", "English"),
+    "ja": _c("ja", "RFC5646", "Japanese"),
+}
+COMMENT = _c("121106", "DCM", "Comment")
+TARGET_REGION = _c("123014", "DCM", "Target Region")
+KEY_FRAME = _c("121080", "DCM", "Best illustration of finding")
+ARTERIES: dict[str, CodedConcept] = {
+    "LCA": _c("50018008", "SCT", "Left Coronary Artery"),
+    "RCA": _c("13647002", "SCT", "Right Coronary Artery"),
+}
+PROCESSING_EQUIPMENT = _c("109102", "DCM", "Processing Equipment")  # CID 7005
+
+NARRATIVE = _c("CAG010", PRIVATE_SCHEME, "AI draft report text")
+ANALYSED_RUNS = _c("121180", "DCM", "Key Images")  # CID 7001 section heading
+RUN = _c("CAG021", PRIVATE_SCHEME, "Angiographic run")
+NOT_ANALYSED = _c("CAG030", PRIVATE_SCHEME, "Runs not analysed")
+
+CODING_SCHEMES = [
+    hd.coding_schemes.CodingSchemeIdentificationItem(
+        designator=PRIVATE_SCHEME,
+        name="cag-node private codes",
+        responsible_organization="cag-node project",
+    )
+]
+
+DRAFT_STATEMENT = {
+    "en": "AI-generated draft, not verified. It must be reviewed by a physician before any clinical use.",
+    "ja": "AIが生成した未確認の下書きです。臨床使用の前に必ず医師が確認してください。",
+}
+DEMO_STATEMENT = {
+    "en": ("Written by a demonstration model trained on synthetic data only; "
+           "it is not a medical device and its content is not clinically meaningful."),
+    "ja": "合成データのみで学習したデモ用モデルが作成しました。医療機器ではなく、内容に臨床的な意味はありません。",
+}
+SECTION_LABELS = {
+    "en": {"findings": "Findings", "impression": "Impression", "recommendation": "Recommendation"},
+    "ja": {"findings": "所見", "impression": "印象", "recommendation": "推奨"},
+}
+
+# Type 2 attributes highdicom reads from the first evidence dataset (Patient /
+# General Study modules): absent ones are added empty.
+TYPE2_HEADER = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID")
+
+
+class EncodingError(ValueError):
+    """The result or the source headers cannot be encoded; the message names the attribute."""
+
+
+# --------------------------------------------------------------------------
+# Source headers
+# --------------------------------------------------------------------------
+def header_copy(ds: Dataset) -> Dataset:
+    """A copy of ``ds`` without pixel data (group 0x7FE0 and float/double pixel data)."""
+    out = Dataset()
+    for elem in ds:  # decodes raw elements with ds's character set
+        if elem.tag.group == 0x7FE0:
+            continue
+        out.add(copy.deepcopy(elem))
+    if getattr(ds, "file_meta", None) is not None:
+        out.file_meta = copy.deepcopy(ds.file_meta)
+    return out
+
+
+def prepare_evidence(
+    source_datasets: Sequence[Dataset],
+    study_instance_uid: str | None = None,
+    *,
+    strict: bool = False,
+) -> list[Dataset]:
+    """Header copies of the sources, ready to be highdicom evidence.
+
+    Adds absent Type 2 Patient/Study attributes *empty* (never an invented
+    value), blanks values highdicom rejects (see :func:`_sanitize`), puts the most
+    complete header first and fills its gaps from the other instances of the study.
+
+    A source without StudyInstanceUID/SeriesInstanceUID/SOPClassUID/SOPInstanceUID,
+    or from another study, cannot be evidence: with ``strict`` that raises
+    :class:`EncodingError` naming the attribute; otherwise it is left out with a
+    warning (a broken header must not cost the study its report) — unless nothing
+    is left, which raises.  Duplicated SOP Instance UIDs are dropped.
+    """
+    if not source_datasets:
+        raise EncodingError("source_datasets: at least one source instance is needed")
+    out: list[Dataset] = []
+    seen: set[str] = set()
+    problems: list[str] = []
+    study = study_instance_uid
+    for i, ds in enumerate(source_datasets):
+        problem = None
+        if not isinstance(ds, Dataset):
+            problem = f"source_datasets[{i}]: expected a pydicom Dataset, got {type(ds).__name__}"
+        else:
+            for kw in REQUIRED_UIDS:
+                if not str(ds.get(kw, "") or "").strip():
+                    problem = f"source_datasets[{i}]: {kw} is absent or empty"
+                    break
+            if problem is None:
+                study = study or ds.StudyInstanceUID
+                if ds.StudyInstanceUID != study:
+                    problem = (f"source_datasets[{i}]: StudyInstanceUID {ds.StudyInstanceUID} is not the "
+                               f"study of the result ({study})")
+        if problem is not None:
+            if strict:
+                raise EncodingError(problem)
+            log.warning("%s; left out of the evidence", problem)
+            problems.append(problem)
+            continue
+        if ds.SOPInstanceUID in seen:
+            continue
+        seen.add(ds.SOPInstanceUID)
+        h = header_copy(ds)
+        for kw in TYPE2_HEADER:
+            if kw not in h or h[kw].value is None:
+                setattr(h, kw, "")
+        _sanitize(h)
+        out.append(h)
+    if not out:
+        raise EncodingError("; ".join(problems) or "source_datasets: no usable source instance")
+    # highdicom copies Patient/Study attributes from the first evidence item: put the most
+    # complete header first and fill its gaps from the other instances of the same study.
+    out.sort(key=lambda h: -sum(1 for kw in TYPE2_HEADER if str(h.get(kw, "") or "")))
+    first = out[0]
+    for kw in TYPE2_HEADER:
+        if not str(first.get(kw, "") or ""):
+            donor = next((h for h in out[1:] if str(h.get(kw, "") or "")), None)
+            if donor is not None:
+                first[kw] = copy.deepcopy(donor[kw])
+    return out
+
+
+def _sanitize(h: Dataset) -> None:
+    """Blank values highdicom (rightly) rejects: a PatientSex outside M/F/O, unparsable dates/times.
+
+    Blanking an invalid Type 2 value keeps the object valid without inventing anything;
+    it is logged so the site can fix its modality.
+    """
+    sex = str(h.get("PatientSex", "") or "").strip().upper()
+    if sex not in ("", "M", "F", "O"):
+        log.warning("source %s: PatientSex %r is not M/F/O; left empty in the result", h.SOPInstanceUID, sex)
+        h.PatientSex = ""
+    for kw, parse in (("StudyDate", DA), ("PatientBirthDate", DA), ("StudyTime", TM)):
+        raw = h.get(kw)
+        if raw is None or str(raw) == "":
+            continue
+        try:
+            parse(str(raw).strip())
+        except Exception:
+            log.warning("source %s: %s %r is not a valid %s; left empty", h.SOPInstanceUID, kw, str(raw),
+                        parse.__name__)
+            h[kw].value = ""
+
+
+def _check_text(value: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise EncodingError(f"{where}: expected text, got {type(value).__name__}")
+    # UT allows 2^32-2 bytes; a report longer than 64 KiB is a model gone wrong.
+    if len(value.encode("utf-8")) > 65536:
+        raise EncodingError(f"{where}: text longer than 64 KiB")
+    return value
+
+
+def _ensure_uid(value: str | None, where: str) -> str:
+    uid = value or generate_uid()
+    if len(uid) > 64 or not all(p.isdigit() for p in uid.split(".")):
+        raise EncodingError(f"{where}: {uid!r} is not a valid DICOM UID")
+    return uid
+
+
+# --------------------------------------------------------------------------
+# Content pieces shared with kos.py
+# --------------------------------------------------------------------------
+def device_observer_context(model: ModelInfo) -> hd.sr.ObserverContext:
+    """TID 1002 observer context: the algorithm as a Device, identified by its Device UID."""
+    if not model.device_uid:
+        raise EncodingError("result.model.device_uid: the bundle's Device UID is required")
+    _ensure_uid(model.device_uid, "result.model.device_uid")
+    return hd.sr.ObserverContext(
+        observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"),
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=model.device_uid,
+            name=(model.name or "cag-node model")[:64],
+            manufacturer_name=MANUFACTURER,
+            model_name=f"{model.name} {model.version}".strip()[:64],
+        ),
+    )
+
+
+def software_versions(model: ModelInfo) -> list[str]:
+    from dicom_node import __version__ as node_version  # noqa: PLC0415
+
+    out = [f"cag-node {node_version}", f"{model.name} {model.version}"]
+    if model.selector:
+        out.append(f"selector {model.selector}")
+    if model.vlm:
+        out.append(f"vlm {model.vlm}")
+    if model.adapter:
+        out.append(f"adapter {model.adapter}")
+    return [s[:64] for s in out]
+
+
+def contributing_equipment(model: ModelInfo) -> hd.ContributingEquipment:
+    """IHE AIR: the algorithm as contributing equipment (with its Device UID)."""
+    eq = hd.ContributingEquipment(
+        manufacturer=MANUFACTURER,
+        purpose_of_reference=PROCESSING_EQUIPMENT,
+        manufacturer_model_name=f"{model.name} {model.version}".strip()[:64],
+        software_versions=software_versions(model),
+        contribution_datetime=datetime.datetime.now(),
+        contribution_description=("AI key-frame selection and draft report"
+                                  + (" (demo model trained on synthetic data)" if model.synthetic_demo else "")),
+    )
+    eq.DeviceUID = model.device_uid
+    return eq
+
+
+def key_frame_references(
+    result: StudyResult, evidence: Sequence[Dataset]
+) -> list[tuple[RunSelection, Dataset, list[KeyFrame]]]:
+    """(run, source header, key frames) for every analysed run, validated against the sources."""
+    by_uid = {ds.SOPInstanceUID: ds for ds in evidence}
+    out = []
+    for i, run in enumerate(result.runs):
+        if not run.ok:
+            continue
+        if run.laterality not in ARTERIES:
+            raise EncodingError(f"result.runs[{i}].laterality: {run.laterality!r} is not one of {sorted(ARTERIES)}")
+        ds = by_uid.get(run.sop_instance_uid)
+        if ds is None:
+            raise EncodingError(
+                f"result.runs[{i}].sop_instance_uid {run.sop_instance_uid} is not among the source_datasets"
+            )
+        n_frames = int(ds.get("NumberOfFrames", 0) or 0) or run.n_frames or 1
+        for kf in run.key_frames:
+            if not 1 <= kf.frame_number <= n_frames:
+                raise EncodingError(
+                    f"result.runs[{i}].key_frames: frame {kf.frame_number} outside 1..{n_frames} "
+                    f"(NumberOfFrames of {run.sop_instance_uid})"
+                )
+        out.append((run, ds, list(run.key_frames)))
+    return out
+
+
+def not_analysed_lines(result: StudyResult) -> list[str]:
+    lines = []
+    for run in result.runs:
+        if not run.ok:
+            why = run.error or "laterality could not be determined"
+            lines.append(f"{run.sop_instance_uid}: {why}")
+    for i, item in enumerate(result.not_analysed):
+        if not isinstance(item, dict) or "sop_instance_uid" not in item:
+            raise EncodingError(f"result.not_analysed[{i}]: expected {{sop_instance_uid, reason}}")
+        lines.append(f"{item['sop_instance_uid']}: {item.get('reason') or 'not analysed'}")
+    return lines
+
+
+# --------------------------------------------------------------------------
+# SR
+# --------------------------------------------------------------------------
+def _text(name: CodedConcept, value: str, where: str,
+          rel: RelationshipTypeValues = RelationshipTypeValues.CONTAINS) -> TextContentItem:
+    return TextContentItem(name=name, value=_check_text(value, where), relationship_type=rel)
+
+
+def _language_container(lang: str, text, model: ModelInfo) -> ContainerContentItem:
+    where = f"result.report[{lang!r}]"
+    if lang not in LANGUAGES:
+        raise EncodingError(f"{where}: language must be one of {sorted(LANGUAGES)}")
+    c = ContainerContentItem(name=NARRATIVE, relationship_type=RelationshipTypeValues.CONTAINS)
+    items = list(hd.sr.LanguageOfContentItemAndDescendants(LANGUAGES[lang]))
+    statement = DRAFT_STATEMENT[lang] + (" " + DEMO_STATEMENT[lang] if model.synthetic_demo else "")
+    items.append(_text(COMMENT, statement, where))
+    for section in SECTIONS:
+        value = getattr(text, section, "") or ""
+        if value.strip():
+            items.append(_text(SECTION_CODES[section], value.strip(), f"{where}.{section}"))
+    c.ContentSequence = hd.sr.ContentSequence(items)
+    return c
+
+
+def _run_container(run: RunSelection, ds: Dataset, key_frames: list[KeyFrame]) -> ContainerContentItem:
+    c = ContainerContentItem(name=RUN, relationship_type=RelationshipTypeValues.CONTAINS)
+    series = ds.get("SeriesNumber", "")
+    desc = (f"Run {ds.SOPInstanceUID} (series {series}, instance {ds.get('InstanceNumber', '')}): "
+            f"{run.laterality}, confidence {run.confidence:.2f}; key frames "
+            + (", ".join(f"{k.frame_number} ({k.label}, {k.score:.2f})" for k in key_frames) or "none"))
+    items = [
+        CodeContentItem(name=TARGET_REGION, value=ARTERIES[run.laterality],
+                        relationship_type=RelationshipTypeValues.CONTAINS),
+        _text(COMMENT, desc, "result.runs"),
+    ]
+    for kf in key_frames:
+        items.append(ImageContentItem(
+            name=KEY_FRAME,
+            referenced_sop_class_uid=ds.SOPClassUID,
+            referenced_sop_instance_uid=ds.SOPInstanceUID,
+            referenced_frame_numbers=[kf.frame_number],
+            relationship_type=RelationshipTypeValues.CONTAINS,
+        ))
+    c.ContentSequence = hd.sr.ContentSequence(items)
+    return c
+
+
+def algorithm_parameters(result: StudyResult, extra: Optional[dict] = None) -> list[str]:
+    m = result.model
+    params = []
+    if m.selector:
+        params.append(f"selector={m.selector}")
+    if m.vlm:
+        params.append(f"vlm={m.vlm}")
+    if m.adapter:
+        params.append(f"adapter={m.adapter}")
+    params.append(f"languages={','.join(sorted(result.report))}")
+    params.append(f"synthetic_demo={str(m.synthetic_demo).lower()}")
+    for k, v in (extra or {}).items():
+        params.append(f"{k}={v}")
+    return params
+
+
+def is_complete(result: StudyResult) -> bool:
+    """COMPLETE when every run was analysed, nothing in scope was skipped and every report is well-formed.
+
+    A ``not_analysed`` item with ``"expected": True`` (e.g. a non-XA instance, a single
+    frame: out of scope by design) does not make the document PARTIAL; any other does.
+    """
+    return (
+        bool(result.runs)
+        and all(r.ok for r in result.runs)
+        and not [n for n in result.not_analysed if not (isinstance(n, dict) and n.get("expected"))]
+        and bool(result.report)
+        and all(t.format_ok and (t.findings or "").strip() for t in result.report.values())
+    )
+
+
+def build_sr(
+    source_datasets: Sequence[Dataset],
+    result: StudyResult,
+    *,
+    predecessor: Optional[Dataset] = None,
+    series_uid: Optional[str] = None,
+    instance_number: int = 1,
+    series_number: int = 990,
+    sop_instance_uid: Optional[str] = None,
+    title: CodedConcept = TITLE_CATH_REPORT,
+    complete: Optional[bool] = None,
+    parameters: Optional[dict] = None,
+    institution_name: Optional[str] = None,
+) -> Dataset:
+    """Build the Comprehensive SR for ``result`` in the study of ``source_datasets``.
+
+    ``source_datasets``: headers (pixel data not needed) of the study's instances;
+    every run referenced by ``result`` must be among them.  ``predecessor``: the
+    SR this one replaces (re-processing after late runs) → PredecessorDocumentsSequence.
+    ``complete``: override the CompletionFlag (default :func:`is_complete`).
+    Returns a :class:`highdicom.sr.ComprehensiveSR` (a pydicom Dataset) ready to save.
+    """
+    if not isinstance(result, StudyResult):
+        raise EncodingError(f"result: expected StudyResult, got {type(result).__name__}")
+    if not isinstance(instance_number, int) or instance_number < 1:
+        raise EncodingError(f"instance_number: must be a positive integer, got {instance_number!r}")
+    evidence = prepare_evidence(source_datasets, result.study_instance_uid)
+    series_uid = _ensure_uid(series_uid, "series_uid")
+    sop_uid = _ensure_uid(sop_instance_uid, "sop_instance_uid")
+    model = result.model
+    if not result.report:
+        raise EncodingError("result.report: no report text in any language")
+
+    runs = key_frame_references(result, evidence)
+    items: list = []
+    items.extend(hd.sr.LanguageOfContentItemAndDescendants(LANGUAGES["en"]))
+    items.extend(device_observer_context(model))
+    items.extend(hd.sr.AlgorithmIdentification(
+        name=(model.name or "cag-node")[:64],
+        version=model.version or "0",
+        parameters=algorithm_parameters(result, parameters),
+        manufacturer=MANUFACTURER,
+    ))
+    statement = DRAFT_STATEMENT["en"] + (" " + DEMO_STATEMENT["en"] if model.synthetic_demo else "")
+    items.append(_text(COMMENT, statement, "statement"))
+    for lang in [lang for lang in ("en", "ja") if lang in result.report] + sorted(
+        set(result.report) - {"en", "ja"}
+    ):
+        items.append(_language_container(lang, result.report[lang], model))
+    if runs:
+        analysed = ContainerContentItem(name=ANALYSED_RUNS, relationship_type=RelationshipTypeValues.CONTAINS)
+        analysed.ContentSequence = hd.sr.ContentSequence([_run_container(*r) for r in runs])
+        items.append(analysed)
+    lines = not_analysed_lines(result)
+    if lines:
+        na = ContainerContentItem(name=NOT_ANALYSED, relationship_type=RelationshipTypeValues.CONTAINS)
+        na.ContentSequence = hd.sr.ContentSequence(
+            [_text(COMMENT, line, "result.not_analysed") for line in lines]
+        )
+        items.append(na)
+
+    root = ContainerContentItem(name=title)
+    root.ContentSequence = hd.sr.ContentSequence(items)
+
+    previous = None
+    if predecessor is not None:
+        for kw in REQUIRED_UIDS:
+            if not predecessor.get(kw):
+                raise EncodingError(f"predecessor: {kw} is absent")
+        if predecessor.StudyInstanceUID != evidence[0].StudyInstanceUID:
+            raise EncodingError("predecessor: StudyInstanceUID is not the study of the new SR")
+        previous = [predecessor]
+
+    now = datetime.datetime.now()
+    sr = hd.sr.ComprehensiveSR(
+        evidence=evidence,
+        content=root,
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_uid,
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        is_complete=is_complete(result) if complete is None else bool(complete),
+        is_final=False,
+        is_verified=False,
+        institution_name=institution_name,
+        previous_versions=previous,
+        contributing_equipment=[contributing_equipment(model)],
+        specific_character_set=CHARSET,
+        coding_schemes=CODING_SCHEMES,
+        series_description="AI draft report (not verified)",
+        manufacturer_model_name=f"{model.name} {model.version}".strip()[:64],
+        software_versions=software_versions(model),
+        content_date=now.date(),
+        content_time=now.time(),
+        series_date=now.date(),
+        series_time=now.time(),
+    )
+    return _finish(sr)
+
+
+def _finish(ds: Dataset) -> Dataset:
+    """Final touches common to SR and KOS: the character set that carries Japanese."""
+    ds.SpecificCharacterSet = CHARSET
+    return ds
+
+
+def save(ds: Dataset, path: str | Path) -> Path:
+    """Write ``ds`` as a DICOM Part 10 file (with a preamble and file meta)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def render_html(path: str | Path, out_html: str | Path, *, timeout: float = 60.0) -> Path:
+    """Render an SR (or KOS) file to HTML with dcmtk's ``dsr2html`` (UTF-8 output)."""
+    exe = shutil.which("dsr2html")
+    if exe is None:
+        raise RuntimeError("dsr2html (dcmtk) is not on PATH")
+    out_html = Path(out_html)
+    out_html.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [exe, "+U8", str(path), str(out_html)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 or not out_html.is_file():
+        # older dcmtk without +U8 / -Ee: retry plainly
+        proc = subprocess.run([exe, str(path), str(out_html)], capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0 or not out_html.is_file():
+            raise RuntimeError(f"dsr2html failed on {path}: {proc.stderr.strip() or proc.stdout.strip()}")
+    return out_html
+
+
+def iter_content(ds: Dataset) -> Iterable[Dataset]:
+    """Depth-first iteration over every content item of an SR dataset."""
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from iter_content(item)
+
+
+__all__ = [
+    "EncodingError",
+    "build_sr",
+    "prepare_evidence",
+    "render_html",
+    "save",
+    "is_complete",
+    "iter_content",
+    "TITLE_CATH_REPORT",
+    "TITLE_CAG_AI_REPORT",
+]

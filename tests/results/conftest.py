@@ -1,0 +1,55 @@
+"""Fixtures for the results area (SR/KOS encoding, outbox, SCU); helpers live in reshelp.py."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from reshelp import OrthancPeer, StoreSCP, make_result, make_xa  # noqa: E402
+
+
+@pytest.fixture
+def study():
+    """(sources, result): two XA runs + one non-XA instance not analysed."""
+    study_uid = generate_uid()
+    a = make_xa(study_uid, series_number=1)
+    b = make_xa(study_uid, series_number=2, n_frames=10)
+    sources = [a, b]
+    res = make_result(sources, not_analysed=[{"sop_instance_uid": generate_uid(), "reason": "modality SR not processed"}])
+    return sources, res
+
+@pytest.fixture
+def orthanc_factory(tmp_path):
+    if shutil.which("Orthanc") is None:
+        pytest.skip("Orthanc not on PATH")
+    peers: list[OrthancPeer] = []
+
+    def make(name: str = "orthanc", aet: str = "ORTHANC") -> OrthancPeer:
+        p = OrthancPeer(tmp_path / name, aet=aet)
+        peers.append(p)
+        return p
+
+    yield make
+    for p in peers:
+        p.stop()
+
+@pytest.fixture
+def storescp_factory(tmp_path):
+    if shutil.which("storescp") is None:
+        pytest.skip("storescp not on PATH")
+    peers: list[StoreSCP] = []
+
+    def make(name: str = "storescp", **kw) -> StoreSCP:
+        p = StoreSCP(tmp_path / name, **kw)
+        peers.append(p)
+        return p
+
+    yield make
+    for p in peers:
+        p.stop()

@@ -1,0 +1,281 @@
+"""Helpers for the results-area tests (SR/KOS encoding, outbox, SCU).
+
+Test inputs are built by hand: small XA multi-frame datasets (pydicom) and
+StudyResult/RunSelection/ReportText/ModelInfo from inference.types.  Peers
+(Orthanc, storescp) are started per test on free ports and killed at the end.
+Imported as ``reshelp`` (tests/results is put on sys.path by its conftest).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from inference.types import KeyFrame, ModelInfo, ReportText, RunSelection, StudyResult
+
+XA_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.12.1"
+MISSING = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
+           "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
+DEVICE_UID = "2.25.123456789012345678901234567890123"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_xa(study_uid: str, *, n_frames: int = 8, size: int = 16, series_uid: str | None = None,
+            omit: tuple[str, ...] = (), series_number: int = 1, instance_number: int = 1,
+            patient_name: str = "Test^Patient", charset: str | None = None) -> Dataset:
+    """A small but well-formed XA multi-frame instance."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = XA_SOP_CLASS
+    ds.SOPClassUID = XA_SOP_CLASS
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    if charset:
+        ds.SpecificCharacterSet = charset
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.Modality = "XA"
+    ds.PatientName = patient_name
+    ds.PatientID = "PID0001"
+    ds.PatientBirthDate = "19600101"
+    ds.PatientSex = "M"
+    ds.AccessionNumber = "ACC1"
+    ds.StudyID = "S1"
+    ds.StudyDate = "20260101"
+    ds.StudyTime = "101010"
+    ds.ReferringPhysicianName = ""
+    ds.SeriesNumber = series_number
+    ds.InstanceNumber = instance_number
+    ds.Manufacturer = "TestVendor"
+    ds.PatientOrientation = ""
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "SINGLE PLANE"]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = size
+    ds.Columns = size
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.NumberOfFrames = n_frames
+    ds.FrameIncrementPointer = (0x0018, 0x1063)
+    ds.FrameTime = 66.7
+    ds.PixelData = (np.arange(n_frames * size * size) % 251).astype(np.uint8).tobytes()
+    for kw in omit:
+        if kw in ds:
+            delattr(ds, kw)
+    return ds
+
+
+def make_result(sources: list[Dataset], *, synthetic_demo: bool = True, not_analysed=None,
+                languages=("en", "ja")) -> StudyResult:
+    runs = []
+    for i, ds in enumerate(sources):
+        if ds.Modality != "XA":
+            continue
+        side = "LCA" if i % 2 == 0 else "RCA"
+        runs.append(RunSelection(
+            file=f"/spool/{ds.SOPInstanceUID}.dcm",
+            sop_instance_uid=ds.SOPInstanceUID,
+            series_instance_uid=ds.SeriesInstanceUID,
+            sop_class_uid=ds.SOPClassUID,
+            n_frames=int(ds.NumberOfFrames),
+            laterality=side,
+            confidence=0.93,
+            key_frames=[KeyFrame(3, f"{side}_better", 0.91), KeyFrame(7, f"{side}_better", 0.84)],
+            candidates=[1, 3, 5, 7],
+        ))
+    report = {}
+    if "en" in languages:
+        report["en"] = ReportText(
+            findings="LAD #7: 90% stenosis. RCA #2: 75% stenosis.",
+            impression="Two-vessel coronary artery disease.",
+            recommendation="PCI to LAD #7; consider staged PCI to RCA.",
+        )
+    if "ja" in languages:
+        report["ja"] = ReportText(
+            findings="LAD #7に90%狭窄。RCA #2に75%狭窄。",
+            impression="2枝病変の冠動脈疾患。",
+            recommendation="LAD #7へのPCIを推奨。RCAは二期的PCIを検討。",
+        )
+    return StudyResult(
+        study_instance_uid=sources[0].StudyInstanceUID,
+        runs=runs,
+        report=report,
+        model=ModelInfo(name="cag-vlm-demo", version="0.1.0", device_uid=DEVICE_UID,
+                        selector="convnext_atto 1", vlm="gemma3 0", synthetic_demo=synthetic_demo),
+        not_analysed=list(not_analysed or []),
+    )
+
+
+# --------------------------------------------------------------------------- tools
+def run_tool(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout,
+                          encoding="utf-8", errors="replace")
+
+
+def dciodvfy_counts(path: Path) -> tuple[int, int, str]:
+    """(errors, warnings, output) of dciodvfy."""
+    p = run_tool("dciodvfy", str(path))
+    out = p.stdout + p.stderr
+    errors = sum(1 for line in out.splitlines() if line.startswith("Error"))
+    warnings = sum(1 for line in out.splitlines() if line.startswith("Warning"))
+    return errors, warnings, out
+
+
+# --------------------------------------------------------------------------- peers
+class OrthancPeer:
+    """A throw-away Orthanc in tmp, started as a subprocess."""
+
+    def __init__(self, root: Path, aet: str = "ORTHANC"):
+        self.root = Path(root)
+        self.aet = aet
+        self.http_port = free_port()
+        self.dicom_port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.config = self.root / "orthanc.json"
+        self.config.write_text(json.dumps({
+            "Name": "cag-test",
+            "StorageDirectory": str(self.root / "storage"),
+            "IndexDirectory": str(self.root / "index"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": aet,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "Plugins": [],
+            "DicomAlwaysAllowStore": True,
+            "DicomCheckCalledAet": False,
+            "StableAge": 1,
+        }))
+
+    def start(self, timeout: float = 30) -> "OrthancPeer":
+        log = open(self.root / "orthanc.out", "ab")
+        self.proc = subprocess.Popen(["Orthanc", f"--logdir={self.root}", str(self.config)],
+                                     stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"Orthanc exited: {(self.root / 'orthanc.out').read_text()[-2000:]}")
+            try:
+                self.get("/system")
+                # the DICOM port too
+                with socket.create_connection(("127.0.0.1", self.dicom_port), timeout=0.5):
+                    return self
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("Orthanc did not come up")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def _req(self, method: str, path: str, body: bytes | None = None):
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method)
+        if body is not None:
+            req.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read() or b"null")
+
+    def get(self, path: str):
+        return self._req("GET", path)
+
+    def find(self, study_uid: str, modality: str) -> list[str]:
+        """SOP Instance UIDs of the study's instances of this modality."""
+        ids = self._req("POST", "/tools/find", json.dumps(
+            {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid, "Modality": modality}}).encode())
+        return sorted(self.get(f"/instances/{i}/simplified-tags")["SOPInstanceUID"] for i in ids)
+
+
+class StoreSCP:
+    """dcmtk storescp as a subprocess (optionally refusing every association)."""
+
+    def __init__(self, root: Path, aet: str = "STORESCP", refuse: bool = False):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.aet = aet
+        self.port = free_port()
+        args = ["storescp", "--aetitle", aet, "-od", str(self.root)]
+        if refuse:
+            args.append("--refuse")
+        self.proc = subprocess.Popen(args + [str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("storescp did not come up")
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.root.iterdir() if p.is_file())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+
+
+def require_tools(*tools: str):
+    missing = [t for t in tools if shutil.which(t) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"missing tools: {', '.join(missing)}")
+
+
+def self_signed_cert(dirpath: Path, cn: str = "localhost") -> tuple[Path, Path]:
+    """(cert.pem, key.pem) for 127.0.0.1/localhost, made with `cryptography`."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    dirpath.mkdir(parents=True, exist_ok=True)
+    cp, kp = dirpath / "cert.pem", dirpath / "key.pem"
+    cp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    kp.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption()))
+    return cp, kp
