@@ -1,0 +1,311 @@
+"""Synthetic coronary angiography: determinism, labels, anatomy, reports, DICOM validity."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pydicom
+import pytest
+
+from inference.types import CLASS_NAMES, LANGUAGES, SECTIONS
+from training.synthetic import generate_dataset, generate_study, make_report, render_run, treatment
+from training.synthetic.anatomy import sample_anatomy
+from training.synthetic.lesions import SEGMENTS, Lesion, segment_location
+from training.synthetic.render import sample_run_spec
+
+TINY = dict(size=128, frames=12, runs_per_study=4, progress=False)
+
+XA = "1.2.840.10008.5.1.4.1.1.12.1"
+
+
+# ----------------------------------------------------------------------------- output format
+
+
+def test_labels_jsonl_contract(tiny_synth):
+    out, recs = tiny_synth
+    lines = (out / "labels.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == len(recs) == 12
+    for line, rec in zip(lines, recs):
+        assert json.loads(line) == rec
+        for key in ("file", "study_uid", "sop_instance_uid", "series_uid", "patient_id", "laterality",
+                    "frame_labels", "findings", "report"):
+            assert key in rec, key
+        assert (out / rec["file"]).is_file()
+        assert rec["laterality"] in ("LCA", "RCA")
+        assert len(rec["frame_labels"]) == rec["n_frames"] == 12
+        assert all(lab in CLASS_NAMES for lab in rec["frame_labels"])
+        assert all(lab.startswith(rec["laterality"] + "_") for lab in rec["frame_labels"])
+        for f in rec["findings"]:
+            assert set(f) >= {"vessel", "segment", "severity", "side"}
+            assert f["severity"] in (50, 75, 90, 99, 100)
+            assert SEGMENTS[f["segment"]][0] == f["side"]
+    # one series and one SOP instance per run, unique
+    assert len({r["sop_instance_uid"] for r in recs}) == len(recs)
+    assert len({r["series_uid"] for r in recs}) == len(recs)
+
+
+def test_studies_jsonl_matches_runs(tiny_synth):
+    out, recs = tiny_synth
+    studies = [json.loads(x) for x in (out / "studies.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(studies) == 3
+    for st in studies:
+        runs = [r for r in recs if r["study_uid"] == st["study_uid"]]
+        assert sorted(r["file"] for r in runs) == sorted(st["files"])
+        sides = {r["laterality"] for r in runs}
+        assert sides == {"LCA", "RCA"}  # every lesion is visible in some run of its side
+        for r in runs:
+            assert r["report"] == st["report"]
+            assert r["findings"] == st["findings"]
+            assert r["treatment"] == st["treatment"] == treatment(st["findings"])
+            assert all(f["side"] == r["laterality"] for f in r["run_findings"])
+            assert r["patient_id"] == st["patient_id"]
+
+
+def test_every_run_has_all_three_phases():
+    """A good-quality run starts without contrast, fills, and has diagnostic frames."""
+    for seed in range(3):
+        for side in ("LCA", "RCA"):
+            _, labels, meta = render_run(seed, side=side, size=96, n_frames=30, quality="good")
+            assert labels[0] == f"{side}_other"
+            assert f"{side}_better" in labels
+            assert f"{side}_bad" in labels  # wash-in is never instantaneous
+            first_better = labels.index(f"{side}_better")
+            assert all(lab != f"{side}_better" for lab in labels[:first_better])
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+def test_determinism_byte_identical(tmp_path, tiny_synth):
+    out, recs = tiny_synth
+    again = tmp_path / "again"
+    recs2 = generate_dataset(again, 1, seed=7, **TINY)
+    assert recs2 == recs[: len(recs2)]
+    for r in recs2:
+        assert (again / r["file"]).read_bytes() == (out / r["file"]).read_bytes()
+    other = generate_dataset(tmp_path / "other", 1, seed=8, **TINY)
+    assert other[0]["study_uid"] != recs[0]["study_uid"]
+    assert (tmp_path / "other" / other[0]["file"]).read_bytes() != (out / recs[0]["file"]).read_bytes()
+
+
+def test_render_run_deterministic_and_shapes():
+    a, la, ma = render_run(3, side="RCA", size=64, n_frames=8)
+    b, lb, mb = render_run(3, side="RCA", size=64, n_frames=8)
+    assert a.shape == (8, 64, 64) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and la == lb
+    assert ma["side"] == "RCA" and len(ma["fill"]) == 8
+
+
+# ----------------------------------------------------------------------------- labels vs pixels
+
+
+def _vessel_pixels(frames, labels, side, thr=15.0):
+    """Fraction of thin dark structures in each frame relative to the no-contrast background
+    (median of the 'other' frames), high-passed so the moving heart border does not count."""
+    from training.synthetic.render import box_blur
+
+    ref = np.median(frames[[i for i, lab in enumerate(labels) if lab == f"{side}_other"]].astype(np.float32), axis=0)
+    out = []
+    for f in frames:
+        d = ref - f.astype(np.float32)
+        out.append(float((d - box_blur(d, 3) > thr).mean()))
+    return out
+
+
+@pytest.mark.parametrize("side", ["LCA", "RCA"])
+def test_better_frames_have_contrast_other_frames_do_not(side):
+    for seed in (0, 1):
+        # noise-free so that single pixels can be compared
+        spec = sample_run_spec(np.random.default_rng(seed), side, size=128, n_frames=24, quality="good")
+        spec.noise = 0.0
+        spec.catheter = False  # the catheter tip moves with the heart: not contrast
+        spec.device = ""  # nor a guidewire
+        frames, labels, _ = render_run(seed, spec=spec)
+        dark = _vessel_pixels(frames, labels, side)
+        better = [d for d, lab in zip(dark, labels) if lab.endswith("better")]
+        other = [d for d, lab in zip(dark, labels) if lab.endswith("other")]
+        assert better and other
+        assert min(better) > 0.005, better  # opacified vessels cover > 0.5% of the image
+        assert max(other) < 0.001, other
+
+
+def test_laterality_matches_anatomy_in_lao():
+    """LAO 40: the RCA (patient's right AV groove, the 'C') lies left of the LCA on screen."""
+    xs = {"LCA": [], "RCA": []}
+    for seed in range(4):
+        rng = np.random.default_rng(100 + seed)
+        anatomy = sample_anatomy(rng)
+        for side in ("LCA", "RCA"):
+            frames, labels, _ = render_run(seed, side=side, size=128, n_frames=20, anatomy=anatomy, lesions=[],
+                                           view=(40.0, 0.0), quality="good")
+            ref = np.median(frames[[i for i, lab in enumerate(labels) if lab.endswith("other")]].astype(np.float32), 0)
+            best = [i for i, lab in enumerate(labels) if lab.endswith("better")]
+            diff = np.clip(ref - frames[best[len(best) // 2]].astype(np.float32), 0, None)
+            w = diff * (diff > 20)
+            xs[side].append(float((w.sum(0) * np.arange(128)).sum() / w.sum()))
+    assert all(r < l for r, l in zip(xs["RCA"], xs["LCA"])), xs
+
+
+def test_occlusion_leaves_distal_vessel_unfilled():
+    rng = np.random.default_rng(11)
+    anatomy = sample_anatomy(rng)
+    loc = segment_location(anatomy.lca, 6, rng)
+    occl = Lesion("LCA", "LAD", 6, 100, loc[0], loc[1], 5.0)
+    spec = sample_run_spec(np.random.default_rng(0), "LCA", size=128, n_frames=20, view=(-30.0, -25.0), quality="good")
+    spec.noise = 0.0
+    f0, l0, m0 = render_run(0, anatomy=anatomy, lesions=[], spec=spec)
+    f1, l1, m1 = render_run(0, anatomy=anatomy, lesions=[occl], spec=spec)
+    i = l0.index("LCA_better") + 2
+    d0 = _vessel_pixels(f0, l0, "LCA", thr=8)[i]
+    d1 = _vessel_pixels(f1, l1, "LCA", thr=8)[i]
+    assert d1 < 0.8 * d0  # the LAD beyond the occlusion (and its branches) is not opacified
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def _f(vessel, segment, severity):
+    return {"vessel": vessel, "segment": segment, "severity": severity, "side": SEGMENTS[segment][0]}
+
+
+@pytest.mark.parametrize(
+    "findings,expected",
+    [
+        ([], "medical"),
+        ([_f("LAD", 7, 50)], "medical"),
+        ([_f("LAD", 6, 75)], "PCI"),
+        ([_f("LAD", 6, 90), _f("RCA", 2, 100)], "PCI"),
+        ([_f("LAD", 6, 75), _f("LCx", 11, 90), _f("RCA", 1, 75)], "CABG"),
+        ([_f("LM", 5, 50)], "CABG"),
+        ([_f("LM", 5, 75), _f("RCA", 3, 50)], "CABG"),
+    ],
+)
+def test_treatment_rules(findings, expected):
+    assert treatment(findings) == expected
+    rep = make_report(findings)
+    rec = rep["en"]["recommendation"]
+    assert {"CABG": "CABG", "PCI": "PCI", "medical": "Medical therapy"}[expected] in rec
+
+
+def test_report_text_matches_findings():
+    fs = [_f("LAD", 6, 75), _f("LCx", 13, 100), _f("RCA", 2, 90)]
+    rep = make_report(fs)
+    assert rep["en"]["findings"] == (
+        "Left coronary angiography: 75% stenosis in the proximal LAD (segment 6); total occlusion of the "
+        "distal LCx (segment 13). Right coronary angiography: 90% stenosis in the mid RCA (segment 2)."
+    )
+    assert rep["ja"]["findings"] == (
+        "左冠動脈造影：LAD近位部（#6）に75%狭窄、LCx遠位部（#13）に完全閉塞を認める。"
+        "右冠動脈造影：RCA中間部（#2）に90%狭窄を認める。"
+    )
+    assert rep["en"]["impression"] == "Three-vessel coronary artery disease (LAD, LCx, RCA)."
+    assert rep["ja"]["impression"] == "3枝病変（LAD、LCx、RCA）。"
+    assert rep["ja"]["recommendation"] == "冠動脈バイパス術（CABG）を推奨する。"
+    normal = make_report([])
+    assert normal["en"]["findings"] == (
+        "Left coronary angiography: no significant stenosis. Right coronary angiography: no significant stenosis."
+    )
+    assert normal["ja"]["recommendation"] == "薬物療法を推奨する。"
+
+
+def test_reports_well_formed_in_both_languages():
+    jp = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")
+    for seed in range(25):
+        st = generate_study(seed, 0, size=32, frames=4, runs_per_study=2, with_pixels=False)["study"]
+        rep = st["report"]
+        assert set(rep) == set(LANGUAGES)
+        for lang in LANGUAGES:
+            assert set(rep[lang]) == set(SECTIONS)
+            for sec in SECTIONS:
+                text = rep[lang][sec]
+                assert text and text == text.strip()
+                if lang == "en":
+                    assert text.isascii() and text.endswith(".")
+                else:
+                    assert jp.search(text) and text.endswith("。") and "." not in text.replace("%", "")
+        for f in st["findings"]:
+            name_en, name_ja = SEGMENTS[f["segment"]][2], SEGMENTS[f["segment"]][3]
+            assert f"(segment {f['segment']})" in rep["en"]["findings"] and name_en in rep["en"]["findings"]
+            assert f"（#{f['segment']}）" in rep["ja"]["findings"] and name_ja in rep["ja"]["findings"]
+            word = "total occlusion" if f["severity"] == 100 else f"{f['severity']}% stenosis"
+            assert word in rep["en"]["findings"]
+        assert st["treatment"] == treatment(st["findings"])
+
+
+def test_disease_patterns_cover_all_treatments():
+    seen = set()
+    for seed in range(40):
+        st = generate_study(seed, 1, size=32, frames=4, runs_per_study=2, with_pixels=False)["study"]
+        seen.add(st["treatment"])
+    assert seen == {"PCI", "CABG", "medical"}
+
+
+# ----------------------------------------------------------------------------- DICOM
+
+
+def test_dicom_headers(tiny_synth):
+    out, recs = tiny_synth
+    for rec in recs[:5]:
+        ds = pydicom.dcmread(out / rec["file"])
+        assert ds.SOPClassUID == XA and ds.Modality == "XA"
+        assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+        assert ds.SOPInstanceUID == rec["sop_instance_uid"]
+        assert ds.StudyInstanceUID == rec["study_uid"]
+        assert ds.SeriesInstanceUID == rec["series_uid"]
+        assert ds.PatientID == rec["patient_id"]
+        assert int(ds.NumberOfFrames) == len(rec["frame_labels"])
+        assert ds.PhotometricInterpretation == "MONOCHROME2" and ds.BitsStored == 8
+        assert ds.FrameIncrementPointer == 0x00181063
+        assert float(ds.FrameTime) == pytest.approx(rec["frame_time_ms"], abs=0.01)
+        assert float(ds.PositionerPrimaryAngle) == pytest.approx(rec["primary_angle"], abs=0.051)
+        assert float(ds.PositionerSecondaryAngle) == pytest.approx(rec["secondary_angle"], abs=0.051)
+        assert float(ds.DistanceSourceToDetector) > float(ds.DistanceSourceToPatient) > 0
+        assert ds.pixel_array.shape == (12, 128, 128)
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) not on PATH")
+@pytest.mark.parametrize("compression,bits", [("none", 8), ("jpegls", 8), ("rle", 8), ("none", 10), ("jpegls", 12)])
+def test_dciodvfy_no_errors(tmp_path, tiny_synth, compression, bits):
+    out, recs = tiny_synth
+    if compression == "none" and bits == 8:
+        files = [out / recs[0]["file"], out / recs[-1]["file"]]
+    else:
+        r = generate_dataset(tmp_path, 1, seed=3, size=64, frames=5, runs_per_study=2, progress=False,
+                             compression=compression, bits=bits)
+        files = [tmp_path / r[0]["file"]]
+        ds = pydicom.dcmread(files[0])
+        assert ds.BitsStored == bits and ds.BitsAllocated == (8 if bits == 8 else 16)
+        px = ds.pixel_array
+        assert px.shape == (5, 64, 64) and int(px.max()) < 2**bits
+        if bits > 8:
+            assert int(px.max()) > 255
+    for f in files:
+        res = subprocess.run(["dciodvfy", str(f)], capture_output=True, text=True, timeout=60)
+        text = res.stdout + res.stderr
+        errors = [line for line in text.splitlines() if line.startswith("Error")]
+        assert not errors, text
+
+
+def test_cli_synth(tmp_path):
+    from dicom_node.cli import main
+
+    rc = main(["synth", str(tmp_path / "o"), "--studies", "1", "--seed", "5", "--size", "64", "--frames", "6",
+               "--runs-per-study", "2", "--no-progress"])
+    assert rc == 0
+    recs = [json.loads(x) for x in (tmp_path / "o" / "labels.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(recs) == 2 and {r["laterality"] for r in recs} == {"LCA", "RCA"}
+    assert (tmp_path / "o" / "studies.jsonl").is_file()
+
+
+def test_labels_without_pixels_match_rendered_labels():
+    a = generate_study(4, 2, size=64, frames=10, runs_per_study=3, with_pixels=True)
+    b = generate_study(4, 2, size=64, frames=10, runs_per_study=3, with_pixels=False)
+    assert a["study"] == b["study"]
+    for ra, rb in zip(a["runs"], b["runs"]):
+        assert ra["labels"] == rb["labels"]
+        assert ra["meta"]["fill"] == rb["meta"]["fill"]
+        assert ra["frames"].shape == (10, 64, 64) and rb["frames"] is None

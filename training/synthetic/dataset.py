@@ -1,0 +1,258 @@
+"""Synthetic studies: several runs (LCA and RCA) of one synthetic patient, with a
+study-level ground truth (lesions -> findings -> bilingual report -> treatment).
+
+Determinism: everything about study ``index`` of a dataset with seed ``seed`` derives
+from ``np.random.default_rng([seed, index, ...])`` and the UIDs from a hash of
+(seed, index, run), dates are fixed: the same seed gives byte-identical DICOM files,
+independent of how many studies are generated or of the number of workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+
+from .anatomy import sample_anatomy
+from .dicom_writer import det_uid, write_xa
+from .lesions import sample_lesions
+from .projection import CArm
+from .render import LCA_VIEWS, RCA_VIEWS, render_frames, run_labels, sample_run_spec
+from .reports import make_report, treatment
+
+_BASE_DATE = np.datetime64("2025-01-06")
+
+
+def _pick_views(rng, views, k):
+    w = np.array([v[2] for v in views], float)
+    idx = rng.choice(len(views), size=min(k, len(views)), replace=False, p=w / w.sum())
+    out = []
+    for i in idx:
+        p, s, _ = views[int(i)]
+        out.append((p + rng.normal(0, 5), s + rng.normal(0, 4)))
+    return out
+
+
+def study_sides(n_runs: int, rng) -> list[str]:
+    n_rca = 1 if n_runs <= 3 else (1 if n_runs == 4 and rng.random() < 0.5 else 2)
+    n_rca = min(n_rca, n_runs - 1) if n_runs > 1 else 0
+    return ["LCA"] * (n_runs - n_rca) + ["RCA"] * n_rca
+
+
+def generate_study(
+    seed: "int | np.random.Generator",
+    index: int = 0,
+    *,
+    size: int = 512,
+    frames: int | tuple = (30, 45),
+    runs_per_study: int | tuple = (4, 6),
+    pattern: Optional[str] = None,
+    with_pixels: bool = True,
+    bits: int = 8,
+) -> dict:
+    """One synthetic study in memory.
+
+    Returns ``{"study": {...patient/study attrs, findings, report, treatment},
+    "runs": [{"frames": uint8 (F,H,W), "labels": [...], "meta": {...}, "uids": {...}}]}``.
+    ``frames``/``runs_per_study`` may be an int or an inclusive (lo, hi) range.
+    ``pattern`` forces a disease pattern: normal | mild | 1v | 2v | 3v | lm.
+    ``seed`` may be a numpy Generator (a seed is drawn from it).  ``bits``: 8 (uint8 frames)
+    or 10/12 (uint16 frames, written as BitsStored 10/12 in 16)."""
+    if isinstance(seed, np.random.Generator):
+        seed = int(seed.integers(2**31))
+    rng = np.random.default_rng([int(seed), int(index)])
+    anatomy = sample_anatomy(rng)
+    lesions = sample_lesions(anatomy, rng, pattern=pattern)
+    findings = [l.finding() for l in lesions]
+    n_runs = runs_per_study if isinstance(runs_per_study, int) else int(rng.integers(runs_per_study[0], runs_per_study[1] + 1))
+    sides = study_sides(n_runs, rng)
+    views = {
+        "LCA": _pick_views(rng, LCA_VIEWS, sides.count("LCA")),
+        "RCA": _pick_views(rng, RCA_VIEWS, sides.count("RCA")),
+    }
+    age = int(rng.integers(45, 86))
+    sex = "M" if rng.random() < 0.7 else "F"
+    date = _BASE_DATE + np.timedelta64(int(index % 3000), "D")
+    ds_date = str(date).replace("-", "")
+    birth = str(date - np.timedelta64(int(age * 365.25 + rng.integers(0, 300)), "D")).replace("-", "")
+    pid = f"SYN{int(seed) % 100000:05d}{int(index):05d}"
+    study = {
+        "seed": int(seed),
+        "index": int(index),
+        "study_uid": det_uid("cag-synth", seed, index, "study"),
+        "patient_id": pid,
+        "patient_name": f"SYNTH^PATIENT{int(index):05d}",
+        "birth_date": birth,
+        "sex": sex,
+        "age": age,
+        "weight": int(rng.integers(50, 95)),
+        "height": round(float(rng.uniform(1.5, 1.85)), 2),
+        "date": ds_date,
+        "time": "090000",
+        "study_id": f"{int(index) + 1}",
+        "accession": f"SA{int(seed) % 10000:04d}{int(index):06d}",
+        "dominance": anatomy.heart.dominance,
+        "findings": findings,
+        "report": make_report(findings),
+        "treatment": treatment(findings),
+        "lesions": [l.to_dict() for l in lesions],
+    }
+    runs = []
+    counters = {"LCA": 0, "RCA": 0}
+    for r, side in enumerate(sides):
+        rrng = np.random.default_rng([int(seed), int(index), r + 1])
+        view = views[side][counters[side] % max(1, len(views[side]))]
+        counters[side] += 1
+        nf = frames if isinstance(frames, int) else int(rrng.integers(frames[0], frames[1] + 1))
+        spec = sample_run_spec(rrng, side, size=size, n_frames=nf, view=view)
+        if with_pixels:
+            px, labels, meta = render_frames(anatomy, lesions, spec, rrng, bits=bits)
+        else:  # labels only (fast): same timing model, no pixels
+            labels, fills, _ = run_labels(anatomy, lesions, spec)
+            px, meta = None, {"fill": [round(x, 3) for x in fills], "view": spec.view}
+        carm = CArm(spec.primary, spec.secondary, spec.sid, spec.sod, spec.fov_mm, size)
+        t = 9 * 3600 + 5 * 60 + r * 95
+        run = {
+            "side": side,
+            "run_index": r + 1,
+            "series_number": r + 1,
+            "series_uid": det_uid("cag-synth", seed, index, "series", r + 1),
+            "sop_instance_uid": det_uid("cag-synth", seed, index, "sop", r + 1),
+            "time": f"{t // 3600:02d}{t % 3600 // 60:02d}{t % 60:02d}",
+            "view": spec.view,
+            "primary": spec.primary,
+            "secondary": spec.secondary,
+            "frame_time_ms": spec.frame_time_ms,
+            "heart_rate": spec.heart_rate,
+            "kvp": spec.kvp,
+            "ma": spec.ma,
+            "exposure_ms": spec.exposure_ms,
+            "fov_mm": spec.fov_mm,
+            "sid": spec.sid,
+            "sod": spec.sod,
+            "collimation": spec.collimation,
+            "intensity": spec.intensity,
+            "contrast_ml": 8 if side == "LCA" else 6,
+            "patient_orientation": carm.patient_orientation(),
+            "pan": spec.pan if any(p != (0, 0) for p in spec.pan) else None,
+            "bits": bits,
+        }
+        runs.append({"frames": px, "labels": labels, "meta": meta, "run": run, "spec": spec})
+    return {"study": study, "runs": runs}
+
+
+def _record(study: dict, run: dict, rel: str, labels: list[str], meta: dict) -> dict:
+    r = run["run"]
+    side = r["side"]
+    return {
+        "file": rel,
+        "study_uid": study["study_uid"],
+        "sop_instance_uid": r["sop_instance_uid"],
+        "series_uid": r["series_uid"],
+        "patient_id": study["patient_id"],
+        "laterality": side,
+        "frame_labels": labels,
+        "n_frames": len(labels),
+        "findings": study["findings"],
+        "report": study["report"],
+        "treatment": study["treatment"],
+        "run_findings": [f for f in study["findings"] if f["side"] == side],
+        "view": r["view"],
+        "primary_angle": round(float(r["primary"]), 1),
+        "secondary_angle": round(float(r["secondary"]), 1),
+        "frame_time_ms": r["frame_time_ms"],
+        "bits_stored": r.get("bits", 8),
+        "fill": meta["fill"],
+        "quality": run["spec"].quality,
+        "dominance": study["dominance"],
+        "study_index": study["index"],
+        "run_index": r["run_index"],
+        "seed": study["seed"],
+        "synthetic": True,
+    }
+
+
+def _write_study(args) -> tuple[list[dict], dict]:
+    out_dir, seed, index, opts = args
+    compression = opts.pop("compression", "none")
+    st = generate_study(seed, index, **opts)
+    study = st["study"]
+    recs = []
+    for run in st["runs"]:
+        rel = f"study_{index:05d}/run_{run['run']['run_index']:02d}.dcm"
+        write_xa(Path(out_dir) / rel, run["frames"], study, run["run"], compression=compression)
+        recs.append(_record(study, run, rel, run["labels"], run["meta"]))
+    srec = {
+        "study_uid": study["study_uid"],
+        "patient_id": study["patient_id"],
+        "findings": study["findings"],
+        "report": study["report"],
+        "treatment": study["treatment"],
+        "dominance": study["dominance"],
+        "files": [r["file"] for r in recs],
+        "lateralities": [r["laterality"] for r in recs],
+        "study_index": index,
+        "seed": seed,
+    }
+    return recs, srec
+
+
+def generate_dataset(
+    out_dir: str | os.PathLike,
+    n_studies: int,
+    seed: int = 0,
+    *,
+    workers: int = 1,
+    progress: bool = True,
+    start: int = 0,
+    **opts,
+) -> list[dict]:
+    """Write ``n_studies`` synthetic studies under ``out_dir`` (DICOM XA multi-frame, one
+    series per run) plus ``labels.jsonl`` (one record per run) and ``studies.jsonl`` (one
+    per study).  Options: size, frames, runs_per_study, pattern, bits (8|10|12), compression
+    (none|rle|jpegls).  Returns the records written to labels.jsonl."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(str(out), int(seed), i, dict(opts)) for i in range(start, start + n_studies)]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_studies, unit="study", desc="synth")
+    records: list[dict] = []
+    studies: list[dict] = []
+
+    def _collect(res_iter: Iterable):
+        for recs, srec in res_iter:
+            records.extend(recs)
+            studies.append(srec)
+            if bar is not None:
+                bar.update(1)
+
+    if workers and workers > 1:
+        with ProcessPoolExecutor(max_workers=workers) as ex:
+            _collect(ex.map(_write_study, jobs))
+    else:
+        _collect(map(_write_study, jobs))
+    if bar is not None:
+        bar.close()
+    with open(out / "labels.jsonl", "w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    with open(out / "studies.jsonl", "w", encoding="utf-8") as fh:
+        for s in studies:
+            fh.write(json.dumps(s, ensure_ascii=False) + "\n")
+    return records
+
+
+def load_records(path: str | os.PathLike) -> list[dict]:
+    """Read a labels.jsonl (or a directory containing one)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "labels.jsonl"
+    with open(p, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
