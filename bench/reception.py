@@ -1,0 +1,214 @@
+"""Reception throughput: cag-node (durable: fsync per instance + journal) vs
+dcmtk storescp (+B, bit-preserving, no fsync) on the same files.
+
+    .venv/bin/python bench/reception.py [--quick] [--keep DIR]
+
+Generates multi-frame 8-bit XA runs (full: 12 x 512x512x60 and 4 x
+1024x1024x30; --quick: 6 and 2) into a temp dir, sends them with dcmtk
+storescu in one association and with 4 concurrent storescu processes, and
+prints MB/s, instances/s, receiver CPU seconds per GB (utime+stime of the
+receiver process and its reaped children, from /proc/<pid>/stat) and the ratio
+node/storescp.  Both receivers write into the same temp filesystem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+ROOT = Path(__file__).resolve().parent.parent
+CAG_NODE = ROOT / ".venv" / "bin" / "cag-node"
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def make_run(path: Path, study: str, rows: int, frames: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.12.1"
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "XA"
+    ds.PatientID = "BENCH"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = ds.Columns = rows
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.NumberOfFrames = frames
+    ds.FrameIncrementPointer = (0x0018, 0x1063)
+    ds.FrameTime = 66.7
+    ds.PixelData = rng.integers(0, 255, size=(frames, rows, rows), dtype=np.uint8).tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # fields[0] is state (field 3); utime=14, stime=15, cutime=16, cstime=17
+    return sum(int(fields[i]) for i in (11, 12, 13, 14)) / CLK
+
+
+@dataclass
+class Receiver:
+    name: str
+    proc: subprocess.Popen
+    port: int
+    out_dir: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_node(work: Path, fsync: bool = True) -> Receiver:
+    d = Path(tempfile.mkdtemp(prefix="node-", dir=work))
+    cfg = {
+        "node": {"ae_title": "CAGNODE", "port": 0, "allowed_calling_aets": ["*"], "max_pdu": 0,
+                 "max_associations": 16},
+        "storage": {"path": str(d / "spool"), "journal": f"sqlite:///{d / 'journal.db'}", "min_free_mb": 64,
+                    "fsync": fsync},
+        "completion": {"quiet_seconds": 3600},
+        "processing": {"enabled": False},
+        "admin": {"enabled": False},
+        "destinations": [],
+        "logging": {"level": "WARNING"},
+    }
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([str(CAG_NODE), "serve", "--config", str(d / "config.yaml")], stdout=subprocess.PIPE,
+                            stderr=open(d / "node.log", "wb"))
+    line = proc.stdout.readline().decode()
+    m = re.search(r"listening on \S+:(\d+)", line)
+    if not m:
+        raise RuntimeError(f"node did not start: {line!r} {(d / 'node.log').read_text()}")
+    return Receiver("cag-node" + ("" if fsync else " (no fsync)"), proc, int(m.group(1)), d / "spool")
+
+
+def start_storescp(work: Path) -> Receiver:
+    d = Path(tempfile.mkdtemp(prefix="storescp-", dir=work))
+    port = free_port()
+    proc = subprocess.Popen(["storescp", "--fork", "+B", "-aet", "CAGNODE", "-od", str(d), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.05)
+    return Receiver("storescp +B", proc, port, d)
+
+
+def send(port: int, files: list[Path], parallel: int) -> float:
+    chunks = [files[i::parallel] for i in range(parallel)]
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(["storescu", "-aet", "MODALITY", "-aec", "CAGNODE", "127.0.0.1", str(port),
+                               *map(str, c)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for c in chunks]
+    for p in procs:
+        _, err = p.communicate()
+        if p.returncode != 0:
+            raise RuntimeError(f"storescu failed (rc {p.returncode}): {err.decode()[-500:]}")
+    return time.perf_counter() - t0
+
+
+def measure(start, work: Path, files: list[Path], parallel: int) -> dict:
+    rx = start(work)
+    try:
+        time.sleep(0.3)
+        cpu0 = cpu_seconds(rx.proc.pid)
+        try:
+            wall = send(rx.port, files, parallel)
+        except RuntimeError:
+            log = rx.out_dir.parent / "node.log"
+            if log.exists():
+                print(log.read_text()[-3000:], file=sys.stderr)
+            raise
+        time.sleep(0.2)  # let forked storescp children be reaped
+        cpu = cpu_seconds(rx.proc.pid) - cpu0
+    finally:
+        rx.stop()
+    nbytes = sum(f.stat().st_size for f in files)
+    stored = [p for p in rx.out_dir.rglob("*") if p.is_file() and p.parent.name != ".tmp"]
+    assert len(stored) == len(files), (rx.name, len(stored))
+    shutil.rmtree(rx.out_dir, ignore_errors=True)
+    return {"receiver": rx.name, "parallel": parallel, "wall_s": wall, "MB_s": nbytes / 1e6 / wall,
+            "inst_s": len(files) / wall, "cpu_s_per_GB": cpu / (nbytes / 1e9)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="6 + 2 runs instead of 12 + 4")
+    ap.add_argument("--nofsync", action="store_true", help="also measure the node without fsync")
+    ap.add_argument("--keep", help="generate into / reuse this directory")
+    args = ap.parse_args(argv)
+    n512, n1024 = (6, 2) if args.quick else (12, 4)
+    work = Path(tempfile.mkdtemp(prefix="cag-bench-"))
+    src = Path(args.keep) if args.keep else work / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    files = sorted(src.glob("*.dcm"))
+    if len(files) != n512 + n1024:
+        for f in files:
+            f.unlink()
+        study = generate_uid()
+        for i in range(n512):
+            make_run(src / f"run512_{i:02d}.dcm", study, 512, 60, i)
+        for i in range(n1024):
+            make_run(src / f"run1024_{i:02d}.dcm", study, 1024, 30, 100 + i)
+        files = sorted(src.glob("*.dcm"))
+    total = sum(f.stat().st_size for f in files)
+    print(f"{len(files)} files, {total / 1e6:.0f} MB; {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, Python {platform.python_version()}", flush=True)
+    results = []
+    starters = [start_node, start_storescp]
+    if args.nofsync:
+        starters.insert(1, lambda w: start_node(w, fsync=False))
+    try:
+        for parallel in (1, 4):
+            for start in starters:
+                r = measure(start, work, files, parallel)
+                results.append(r)
+                print(f"{r['receiver']:<22} x{parallel}: {r['MB_s']:7.1f} MB/s {r['inst_s']:6.2f} inst/s "
+                      f"{r['cpu_s_per_GB']:6.2f} CPU s/GB", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print("\nratios node/storescp (throughput >1 = node faster; CPU >1 = node costlier):")
+    for parallel in (1, 4):
+        node = next(r for r in results if r["receiver"] == "cag-node" and r["parallel"] == parallel)
+        scp = next(r for r in results if r["receiver"] == "storescp +B" and r["parallel"] == parallel)
+        print(f"  x{parallel}: throughput {node['MB_s'] / scp['MB_s']:.2f}, "
+              f"CPU per GB {node['cpu_s_per_GB'] / scp['cpu_s_per_GB']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

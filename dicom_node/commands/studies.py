@@ -1,0 +1,50 @@
+"""``cag-node studies``: one row per study the journal knows.
+
+Works on the journal directly (no running node needed), so it is safe to run
+beside a serving node (SQLite WAL allows concurrent readers).
+"""
+
+from __future__ import annotations
+
+import json
+
+from dicom_node.config import load_config
+
+
+def register(sub) -> None:
+    p = sub.add_parser("studies", help="list studies: UID, state, instances, last error")
+    p.add_argument("--config", help="config.yaml (default: ./config.yaml or built-in defaults)")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from dicom_node.journal import Journal
+
+    cfg = load_config(args.config)
+    journal = Journal(cfg.journal_url)
+    try:
+        studies = journal.list_studies()
+    finally:
+        journal.close()
+    if args.json:
+        rows = [{
+            "study_uid": s.study_uid, "state": s.state, "stage": s.stage, "n_instances": s.n_instances,
+            "error": s.error, "first_received": s.first_received.isoformat(),
+            "last_received": s.last_received.isoformat(),
+            "completed_at": s.completed_at.isoformat() if s.completed_at else None,
+            "timings": s.timings,
+        } for s in studies]
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not studies:
+        print("no studies")
+        return 0
+    w = max(len("StudyInstanceUID"), *(len(s.study_uid) for s in studies))
+    print(f"{'StudyInstanceUID':<{w}}  {'state':<10}  {'n':>5}  {'stage':<10}  error")
+    for s in studies:
+        err = (s.error or "").replace("\n", " ")
+        if len(err) > 100:
+            err = err[:97] + "..."
+        print(f"{s.study_uid:<{w}}  {s.state:<10}  {s.n_instances:>5}  {(s.stage or ''):<10}  {err}")
+    return 0

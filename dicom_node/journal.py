@@ -1,0 +1,542 @@
+"""The journal: the durable record of every study, instance and job.
+
+Everything the node acknowledges or decides is written here first (short
+transactions, one per call), so a crash at any point resumes from the last
+completed step: the C-STORE handler records an instance only after its file is
+fsynced and renamed into the spool, and answers success only after the commit.
+
+Tables live on the shared ``dicom_node.db.Base`` so the outbox shares the same
+database.  SQLite (WAL, synchronous=FULL) by default; any SQLAlchemy URL works
+(PostgreSQL for several nodes).  Job claiming is an ``UPDATE ... WHERE
+state='queued'`` checked by row count, which is atomic on both.
+
+No PHI is stored: the patient is kept only as a short SHA-256 prefix of
+PatientID (enough to notice two studies of one patient, not to identify them).
+
+Public values are frozen dataclasses (``StudyRecord``, ``InstanceRecord``,
+``JobRecord``) so callers never hold ORM objects bound to a closed session.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Iterable, Optional
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Mapped, mapped_column
+
+from dicom_node import db
+from dicom_node.db import Base
+
+log = logging.getLogger(__name__)
+
+STUDY_STATES = ("receiving", "waiting", "processing", "reported", "sent", "failed")
+# "cancelled": a queued job superseded because its study was reopened by a late
+# instance before any worker took it (the next completion queues a fresh one).
+JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
+PROCESS = "process"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _aware(t: Optional[datetime]) -> Optional[datetime]:
+    """SQLite returns naive datetimes; everything we store is UTC."""
+    if t is None:
+        return None
+    return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)
+
+
+# ---------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------
+class Study(Base):
+    __tablename__ = "studies"
+
+    study_uid: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
+    state: Mapped[str] = mapped_column(sa.String(16), index=True, default="receiving")
+    stage: Mapped[Optional[str]] = mapped_column(sa.String(32), nullable=True)
+    error: Mapped[Optional[str]] = mapped_column(sa.Text, nullable=True)
+    n_instances: Mapped[int] = mapped_column(sa.Integer, default=0)
+    first_received: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    last_received: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    completed_at: Mapped[Optional[datetime]] = mapped_column(sa.DateTime(timezone=True), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    timings: Mapped[Optional[dict]] = mapped_column(sa.JSON, nullable=True)
+    patient_hash: Mapped[Optional[str]] = mapped_column(sa.String(16), nullable=True)
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    series_uid: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
+    study_uid: Mapped[str] = mapped_column(sa.String(128), sa.ForeignKey("studies.study_uid"), index=True)
+    modality: Mapped[Optional[str]] = mapped_column(sa.String(16), nullable=True)
+    n_instances: Mapped[int] = mapped_column(sa.Integer, default=0)
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    sop_instance_uid: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
+    study_uid: Mapped[str] = mapped_column(sa.String(128), sa.ForeignKey("studies.study_uid"), index=True)
+    series_uid: Mapped[str] = mapped_column(sa.String(128), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(sa.String(128))
+    modality: Mapped[Optional[str]] = mapped_column(sa.String(16), nullable=True)
+    transfer_syntax: Mapped[str] = mapped_column(sa.String(128))
+    path: Mapped[str] = mapped_column(sa.Text)
+    size: Mapped[int] = mapped_column(sa.BigInteger)
+    n_frames: Mapped[Optional[int]] = mapped_column(sa.Integer, nullable=True)
+    received_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    calling_aet: Mapped[Optional[str]] = mapped_column(sa.String(16), nullable=True)
+    processable: Mapped[bool] = mapped_column(sa.Boolean, default=False)
+    reason: Mapped[Optional[str]] = mapped_column(sa.Text, nullable=True)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    study_uid: Mapped[str] = mapped_column(sa.String(128), index=True)
+    kind: Mapped[str] = mapped_column(sa.String(16), default=PROCESS)
+    state: Mapped[str] = mapped_column(sa.String(16), index=True, default="queued")
+    attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    started_at: Mapped[Optional[datetime]] = mapped_column(sa.DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[Optional[datetime]] = mapped_column(sa.DateTime(timezone=True), nullable=True)
+    error: Mapped[Optional[str]] = mapped_column(sa.Text, nullable=True)
+    # Which host runs it: at start-up a node re-queues only its own host's
+    # running jobs, so nodes sharing a PostgreSQL journal never steal work.
+    claimed_by: Mapped[Optional[str]] = mapped_column(sa.String(255), nullable=True)
+
+
+class Rejection(Base):
+    __tablename__ = "rejections"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    received_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    calling_aet: Mapped[Optional[str]] = mapped_column(sa.String(16), nullable=True)
+    sop_class_uid: Mapped[Optional[str]] = mapped_column(sa.String(128), nullable=True)
+    # As sent by the peer (possibly hostile), truncated; never used as a path.
+    sop_instance_uid: Mapped[Optional[str]] = mapped_column(sa.String(128), nullable=True)
+    status: Mapped[int] = mapped_column(sa.Integer)
+    reason: Mapped[str] = mapped_column(sa.Text)
+
+
+# ---------------------------------------------------------------------------
+# Values handed to callers
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StudyRecord:
+    study_uid: str
+    state: str
+    stage: Optional[str]
+    error: Optional[str]
+    n_instances: int
+    first_received: datetime
+    last_received: datetime
+    completed_at: Optional[datetime]
+    updated_at: datetime
+    timings: dict = field(default_factory=dict)
+    patient_hash: Optional[str] = None
+
+    def as_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        for k, v in d.items():
+            if isinstance(v, datetime):
+                d[k] = v.isoformat()
+        return d
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    sop_instance_uid: str
+    study_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    modality: Optional[str]
+    transfer_syntax: str
+    path: str
+    size: int
+    received_at: datetime
+    calling_aet: Optional[str] = None
+    processable: bool = False
+    reason: Optional[str] = None
+    n_frames: Optional[int] = None
+
+    @property
+    def series_uid(self) -> str:
+        return self.series_instance_uid
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: int
+    study_uid: str
+    kind: str
+    state: str
+    attempts: int
+    created_at: datetime
+    started_at: Optional[datetime]
+    finished_at: Optional[datetime]
+    error: Optional[str]
+
+
+@dataclass(frozen=True)
+class RecordResult:
+    """What ``record_instance`` did, so the caller can (re)arm the completion timer."""
+
+    new_instance: bool
+    new_study: bool
+    reopened: bool  # the study had left 'receiving' and is receiving again
+    last_received: datetime
+
+
+def _study(s: Study) -> StudyRecord:
+    return StudyRecord(
+        study_uid=s.study_uid, state=s.state, stage=s.stage, error=s.error, n_instances=s.n_instances,
+        first_received=_aware(s.first_received), last_received=_aware(s.last_received),
+        completed_at=_aware(s.completed_at), updated_at=_aware(s.updated_at), timings=dict(s.timings or {}),
+        patient_hash=s.patient_hash,
+    )
+
+
+def _instance(i: Instance) -> InstanceRecord:
+    return InstanceRecord(
+        sop_instance_uid=i.sop_instance_uid, study_uid=i.study_uid, series_instance_uid=i.series_uid,
+        sop_class_uid=i.sop_class_uid, modality=i.modality, transfer_syntax=i.transfer_syntax, path=i.path,
+        size=i.size, received_at=_aware(i.received_at), calling_aet=i.calling_aet, processable=i.processable,
+        reason=i.reason, n_frames=i.n_frames,
+    )
+
+
+def _job(j: Job) -> JobRecord:
+    return JobRecord(
+        id=j.id, study_uid=j.study_uid, kind=j.kind, state=j.state, attempts=j.attempts,
+        created_at=_aware(j.created_at), started_at=_aware(j.started_at), finished_at=_aware(j.finished_at),
+        error=j.error,
+    )
+
+
+# ---------------------------------------------------------------------------
+# The journal
+# ---------------------------------------------------------------------------
+def _begin_immediate(engine: sa.Engine) -> None:
+    """SQLite: take the write lock at BEGIN (the SQLAlchemy pysqlite recipe).
+
+    With Python's default deferred transactions, two threads that both read
+    and then write (every ``record_instance``) can fail with "database is
+    locked" (a stale WAL snapshot cannot be upgraded to a writer, and
+    busy_timeout does not help).  BEGIN IMMEDIATE makes writers queue on the
+    busy timeout instead; transactions here are a few milliseconds.
+    """
+
+    @sa.event.listens_for(engine, "connect")
+    def _autocommit_driver(dbapi_conn, _record):  # let SQLAlchemy emit BEGIN itself
+        dbapi_conn.isolation_level = None
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(conn):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+_RETRYABLE = (sa.exc.IntegrityError, sa.exc.OperationalError)
+
+
+def _retrying(fn):
+    """Retry a write that lost a race (two first instances of one new study on
+    two associations both inserting it) or met a transient lock."""
+
+    def wrapper(*args, **kwargs):
+        for attempt in range(5):
+            try:
+                return fn(*args, **kwargs)
+            except _RETRYABLE as exc:
+                if attempt == 4:
+                    raise
+                log.debug("journal write retried after %s", exc.__class__.__name__)
+                time.sleep(0.01 * (attempt + 1))
+
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    return wrapper
+
+class Journal:
+    """Thread-safe: every method opens its own short session/transaction."""
+
+    def __init__(self, url: str, owner: Optional[str] = None):
+        """``owner`` identifies this node's host in ``jobs.claimed_by`` (default: the hostname)."""
+        self.url = url
+        self.owner = owner or socket.gethostname()
+        self.engine = db.create_engine(url)
+        if self.engine.dialect.name == "sqlite":
+            _begin_immediate(self.engine)
+        db.create_all(self.engine)
+        self.sessionmaker = db.make_sessionmaker(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- instances ----------------------------------------------------------
+    @_retrying
+    def record_instance(
+        self,
+        *,
+        study_uid: str,
+        series_uid: str,
+        sop_instance_uid: str,
+        sop_class_uid: str,
+        modality: Optional[str],
+        transfer_syntax: str,
+        path: str,
+        size: int,
+        calling_aet: Optional[str] = None,
+        processable: bool = False,
+        reason: Optional[str] = None,
+        n_frames: Optional[int] = None,
+        patient_hash: Optional[str] = None,
+        received_at: Optional[datetime] = None,
+    ) -> RecordResult:
+        """Record one stored instance (idempotent per SOP Instance UID)."""
+        now = received_at or utcnow()
+        with self.sessionmaker.begin() as s:
+            # FOR UPDATE: on PostgreSQL concurrent associations would otherwise
+            # lose counter updates (SQLite already serialises at BEGIN IMMEDIATE).
+            study = s.get(Study, study_uid, with_for_update=True)
+            new_study = study is None
+            reopened = False
+            if study is None:
+                study = Study(study_uid=study_uid, state="receiving", n_instances=0, first_received=now,
+                              last_received=now, updated_at=now, patient_hash=patient_hash)
+                s.add(study)
+                s.flush()
+            elif study.state != "receiving":
+                reopened = True
+                study.state = "receiving"
+                study.stage = None
+                study.error = None
+                s.execute(sa.update(Job).where(Job.study_uid == study_uid, Job.state == "queued")
+                          .values(state="cancelled", finished_at=now, error="superseded: study reopened"))
+            study.last_received = now
+            study.updated_at = now
+            if patient_hash and not study.patient_hash:
+                study.patient_hash = patient_hash
+
+            series = s.get(Series, series_uid, with_for_update=True)
+            if series is None:
+                series = Series(series_uid=series_uid, study_uid=study_uid, modality=modality, n_instances=0)
+                s.add(series)
+
+            inst = s.get(Instance, sop_instance_uid, with_for_update=True)
+            new_instance = inst is None
+            if inst is None:
+                inst = Instance(sop_instance_uid=sop_instance_uid)
+                s.add(inst)
+                study.n_instances += 1
+                series.n_instances += 1
+            elif inst.study_uid != study_uid:
+                # The same SOP Instance UID re-sent under another study: move it.
+                old = s.get(Study, inst.study_uid, with_for_update=True)
+                if old is not None:
+                    old.n_instances = max(0, old.n_instances - 1)
+                study.n_instances += 1
+                series.n_instances += 1
+            inst.study_uid = study_uid
+            inst.series_uid = series_uid
+            inst.sop_class_uid = sop_class_uid
+            inst.modality = modality
+            inst.transfer_syntax = transfer_syntax
+            inst.path = path
+            inst.size = size
+            inst.n_frames = n_frames
+            inst.received_at = now
+            inst.calling_aet = calling_aet
+            inst.processable = processable
+            inst.reason = reason
+        return RecordResult(new_instance, new_study, reopened, now)
+
+    def record_rejection(self, *, status: int, reason: str, calling_aet: Optional[str] = None,
+                         sop_class_uid: Optional[str] = None, sop_instance_uid: Optional[str] = None) -> None:
+        with self.sessionmaker.begin() as s:
+            s.add(Rejection(received_at=utcnow(), calling_aet=calling_aet, sop_class_uid=(sop_class_uid or "")[:128],
+                            sop_instance_uid=(sop_instance_uid or "")[:128], status=status, reason=reason[:2000]))
+
+    def rejections(self) -> list[dict]:
+        with self.sessionmaker() as s:
+            rows = s.scalars(sa.select(Rejection).order_by(Rejection.id)).all()
+            return [dict(id=r.id, received_at=_aware(r.received_at), calling_aet=r.calling_aet,
+                         sop_class_uid=r.sop_class_uid, sop_instance_uid=r.sop_instance_uid,
+                         status=r.status, reason=r.reason) for r in rows]
+
+    def study_instances(self, study_uid: str) -> list[InstanceRecord]:
+        with self.sessionmaker() as s:
+            rows = s.scalars(sa.select(Instance).where(Instance.study_uid == study_uid)
+                             .order_by(Instance.series_uid, Instance.received_at)).all()
+            return [_instance(i) for i in rows]
+
+    def get_instance(self, sop_instance_uid: str) -> Optional[InstanceRecord]:
+        with self.sessionmaker() as s:
+            i = s.get(Instance, sop_instance_uid)
+            return _instance(i) if i else None
+
+    def count_instances(self) -> int:
+        with self.sessionmaker() as s:
+            return s.scalar(sa.select(sa.func.count()).select_from(Instance)) or 0
+
+    # -- studies ------------------------------------------------------------
+    def get_study(self, study_uid: str) -> Optional[StudyRecord]:
+        with self.sessionmaker() as s:
+            st = s.get(Study, study_uid)
+            return _study(st) if st else None
+
+    def list_studies(self, states: Optional[Iterable[str]] = None) -> list[StudyRecord]:
+        with self.sessionmaker() as s:
+            q = sa.select(Study).order_by(Study.first_received)
+            if states is not None:
+                q = q.where(Study.state.in_(list(states)))
+            return [_study(x) for x in s.scalars(q).all()]
+
+    def set_study_state(self, study_uid: str, state: str, *, stage: Optional[str] = None,
+                        error: Optional[str] = None) -> None:
+        """Set a study's state (and stage); ``error`` is cleared unless given."""
+        if state not in STUDY_STATES:
+            raise ValueError(f"unknown study state {state!r}")
+        with self.sessionmaker.begin() as s:
+            st = s.get(Study, study_uid)
+            if st is None:
+                raise KeyError(study_uid)
+            st.state = state
+            st.stage = stage
+            st.error = error
+            st.updated_at = utcnow()
+        log.info("study %s -> %s%s", study_uid, state, f" ({stage})" if stage else "")
+
+    def set_study_timings(self, study_uid: str, timings: dict) -> None:
+        """Merge per-stage timings (seconds) into the study's record."""
+        with self.sessionmaker.begin() as s:
+            st = s.get(Study, study_uid, with_for_update=True)
+            if st is None:
+                raise KeyError(study_uid)
+            merged = dict(st.timings or {})
+            merged.update({k: float(v) for k, v in timings.items()})
+            st.timings = merged
+
+    def complete_study(self, study_uid: str, quiet_seconds: float,
+                       now: Optional[datetime] = None) -> "bool | datetime":
+        """Declare a study complete if it has been quiet long enough.
+
+        Returns ``True`` when it was completed now (state ``waiting``, one
+        ``process`` job queued), ``False`` when there is nothing to do, or the
+        time at which to check again (an instance arrived meanwhile).
+        """
+        now = now or utcnow()
+        with self.sessionmaker.begin() as s:
+            st = s.get(Study, study_uid, with_for_update=True)
+            if st is None:
+                return False
+            due = _aware(st.last_received) + timedelta(seconds=quiet_seconds)
+            if due > now:
+                return due
+            if st.state != "receiving":
+                # The pipeline may have overwritten a reopened study's state;
+                # process again if something arrived after the last job.
+                last_job = s.scalar(sa.select(sa.func.max(Job.created_at))
+                                    .where(Job.study_uid == study_uid, Job.kind == PROCESS))
+                if last_job is not None and _aware(last_job) >= _aware(st.last_received):
+                    return False
+            st.state = "waiting"
+            st.stage = None
+            st.error = None
+            st.completed_at = now
+            st.updated_at = now
+            self._enqueue(s, study_uid, PROCESS, now)
+        log.info("study %s complete (quiet %gs): queued for processing", study_uid, quiet_seconds)
+        return True
+
+    def retry_study(self, study_uid: str) -> JobRecord:
+        """Re-queue a study's processing (after a failure, or to re-process it)."""
+        now = utcnow()
+        with self.sessionmaker.begin() as s:
+            st = s.get(Study, study_uid, with_for_update=True)
+            if st is None:
+                raise KeyError(study_uid)
+            st.state = "waiting"
+            st.stage = None
+            st.error = None
+            st.updated_at = now
+            job = self._enqueue(s, study_uid, PROCESS, now)
+            return _job(job)
+
+    # -- jobs ---------------------------------------------------------------
+    @staticmethod
+    def _enqueue(s, study_uid: str, kind: str, now: datetime) -> Job:
+        existing = s.scalars(sa.select(Job).where(Job.study_uid == study_uid, Job.kind == kind,
+                                                  Job.state == "queued")).first()
+        if existing is not None:
+            return existing
+        job = Job(study_uid=study_uid, kind=kind, state="queued", attempts=0, created_at=now)
+        s.add(job)
+        s.flush()
+        return job
+
+    def enqueue_job(self, study_uid: str, kind: str = PROCESS) -> JobRecord:
+        """Queue a job (a study has at most one queued job per kind)."""
+        with self.sessionmaker.begin() as s:
+            s.get(Study, study_uid, with_for_update=True)  # serialise the queued-job check per study
+            return _job(self._enqueue(s, study_uid, kind, utcnow()))
+
+    def claim_job(self, kind: str = PROCESS) -> Optional[JobRecord]:
+        """Atomically take the oldest queued job (queued -> running), or None."""
+        while True:
+            with self.sessionmaker.begin() as s:
+                job_id = s.scalar(sa.select(Job.id).where(Job.state == "queued", Job.kind == kind)
+                                  .order_by(Job.id).limit(1))
+                if job_id is None:
+                    return None
+                res = s.execute(sa.update(Job).where(Job.id == job_id, Job.state == "queued")
+                                .values(state="running", started_at=utcnow(), attempts=Job.attempts + 1,
+                                        claimed_by=self.owner))
+                if res.rowcount == 1:
+                    return _job(s.get(Job, job_id))
+            # another worker (or node) took it first: try the next one
+
+    def finish_job(self, job_id: int) -> None:
+        with self.sessionmaker.begin() as s:
+            s.execute(sa.update(Job).where(Job.id == job_id).values(state="done", finished_at=utcnow(), error=None))
+
+    def fail_job(self, job_id: int, error: str) -> None:
+        with self.sessionmaker.begin() as s:
+            s.execute(sa.update(Job).where(Job.id == job_id)
+                      .values(state="failed", finished_at=utcnow(), error=(error or "")[:4000]))
+
+    def get_job(self, job_id: int) -> Optional[JobRecord]:
+        with self.sessionmaker() as s:
+            j = s.get(Job, job_id)
+            return _job(j) if j else None
+
+    def jobs(self, study_uid: Optional[str] = None, state: Optional[str] = None) -> list[JobRecord]:
+        with self.sessionmaker() as s:
+            q = sa.select(Job).order_by(Job.id)
+            if study_uid is not None:
+                q = q.where(Job.study_uid == study_uid)
+            if state is not None:
+                q = q.where(Job.state == state)
+            return [_job(j) for j in s.scalars(q).all()]
+
+    def requeue_running_jobs(self) -> int:
+        """At start-up: jobs this host's dead process left 'running' go back to 'queued'."""
+        with self.sessionmaker.begin() as s:
+            mine = sa.or_(Job.claimed_by == self.owner, Job.claimed_by.is_(None))
+            studies = s.scalars(sa.select(Job.study_uid).where(Job.state == "running", mine)).all()
+            res = s.execute(sa.update(Job).where(Job.state == "running", mine)
+                            .values(state="queued", started_at=None, claimed_by=None))
+            n = res.rowcount or 0
+            # Their studies were mid-processing; they wait again.
+            if studies:
+                s.execute(sa.update(Study).where(Study.study_uid.in_(set(studies)), Study.state == "processing")
+                          .values(state="waiting", stage=None, updated_at=utcnow()))
+        return n

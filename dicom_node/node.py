@@ -1,0 +1,279 @@
+"""The node: wires spool, journal, listener, completion scheduler, outbox,
+admin endpoint and the processing worker pool together, and makes start-up
+and shutdown safe.
+
+Start-up order matters for restart safety:
+
+1. remove stale temp files (never acknowledged, so never journaled);
+2. jobs a dead process left ``running`` go back to ``queued``;
+3. completion timers are re-armed from the journal's ``last_received``;
+4. only then does the listener accept associations, and workers claim jobs.
+
+Processing is another area's module (``dicom_node.pipeline.process_study``);
+it is imported lazily so a node without it still receives, completes studies
+and leaves them ``waiting`` (logged once).  The pipeline sets study states
+itself; if it raises, the job and the study are marked failed here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import sqlalchemy as sa
+
+from dicom_node.admin import AdminServer
+from dicom_node.config import Config
+from dicom_node.journal import Journal, RecordResult
+from dicom_node.metrics import NodeMetrics
+from dicom_node.scheduler import CompletionScheduler
+from dicom_node.scp import StorageSCP
+from dicom_node.spool import Spool
+
+log = logging.getLogger(__name__)
+
+WORKER_POLL_S = 1.0
+
+
+class Node:
+    def __init__(self, config: Config, bundle_dir: Optional[str | Path] = None,
+                 process_fn: Optional[Callable] = None):
+        """``process_fn(node, study_uid)`` replaces ``dicom_node.pipeline.process_study``
+        (embedding, tests); by default the pipeline module is used when present."""
+        self.config = config
+        self.bundle_dir = Path(bundle_dir).resolve() if bundle_dir else config.bundle_dir
+        self.metrics = NodeMetrics()
+        self.journal: Optional[Journal] = None
+        self.spool: Optional[Spool] = None
+        self.scp: Optional[StorageSCP] = None
+        self.completion: Optional[CompletionScheduler] = None
+        self.admin: Optional[AdminServer] = None
+        self.outbox = None
+        self._bundle = None
+        self._bundle_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._workers: list[threading.Thread] = []
+        self._pipeline_fn: Optional[Callable] = process_fn
+        self._pipeline_missing_logged = False
+        self._started = False
+
+    # -- public attributes ---------------------------------------------------
+    @property
+    def scheduler(self):
+        """The shared apscheduler BackgroundScheduler (the outbox adds its jobs here)."""
+        return self.completion.scheduler if self.completion else None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.scp.address
+
+    @property
+    def port(self) -> int:
+        return self.scp.address[1]
+
+    @property
+    def admin_port(self) -> Optional[int]:
+        return self.admin.port if self.admin else None
+
+    @property
+    def bundle(self):
+        """The model bundle, loaded on first use (receiving never needs it)."""
+        with self._bundle_lock:
+            if self._bundle is None:
+                from inference.bundle import Bundle
+
+                self._bundle = Bundle.load(self.bundle_dir)
+            return self._bundle
+
+    # -- lifecycle ------------------------------------------------------------
+    def start(self) -> "Node":
+        """Start everything; on failure (e.g. the port is taken) undo what started and re-raise."""
+        try:
+            return self._start()
+        except BaseException:
+            self._started = True  # let stop() tear down the parts that did start
+            try:
+                self.stop(grace_s=0)
+            except Exception:
+                log.debug("cleanup after a failed start failed", exc_info=True)
+            raise
+
+    def _start(self) -> "Node":
+        cfg = self.config
+        self.spool = Spool(cfg.spool_dir, fsync=cfg.storage.fsync, min_free_mb=cfg.storage.min_free_mb)
+        self.spool.clean_stale_temp()
+        self.journal = Journal(cfg.journal_url)
+        requeued = self.journal.requeue_running_jobs()
+        if requeued:
+            log.info("re-queued %d job(s) left running by a previous process", requeued)
+
+        self.completion = CompletionScheduler(self.journal, cfg.completion.quiet_seconds,
+                                              on_complete=self._on_complete)
+        self.completion.start()
+        self.completion.resume()
+        self._start_outbox()
+
+        self.scp = StorageSCP(cfg, self.spool, self.journal, self.metrics, on_stored=self._on_stored)
+        host, port = self.scp.start()
+        if cfg.admin.enabled:
+            self.admin = AdminServer(cfg.admin.host, cfg.admin.port, self.metrics, self.health)
+            self.admin.start()
+        if cfg.processing.enabled:
+            for i in range(cfg.processing.workers):
+                t = threading.Thread(target=self._worker, name=f"cag-worker-{i}", daemon=True)
+                t.start()
+                self._workers.append(t)
+        self._started = True
+        log.info("listening on %s:%d as %s%s; admin %s; spool %s; journal %s", host, port, cfg.node.ae_title,
+                 " (TLS)" if cfg.node.tls.enabled else "",
+                 f"{self.admin.host}:{self.admin.port}" if self.admin else "disabled", self.spool.root,
+                 _safe_url(cfg.journal_url))
+        return self
+
+    def _start_outbox(self) -> None:
+        try:
+            mod = importlib.import_module("dicom_node.outbox")
+        except ModuleNotFoundError as exc:
+            if exc.name != "dicom_node.outbox":
+                raise
+            log.info("no outbox module: results stay in the spool")
+            return
+        try:
+            self.outbox = mod.Outbox(self.config, self.journal.sessionmaker, on_study_sent=self._on_study_sent,
+                                     on_study_failed=self._on_study_send_failed)
+        except TypeError:  # an outbox without the failure callback
+            self.outbox = mod.Outbox(self.config, self.journal.sessionmaker, on_study_sent=self._on_study_sent)
+        self.outbox.start(self.completion.scheduler)
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """Graceful: stop accepting, let in-flight C-STOREs finish, leave jobs journaled."""
+        if not self._started:
+            return
+        self._started = False
+        log.info("stopping: no new associations; waiting up to %.0fs for in-flight ones", grace_s)
+        if self.scp:
+            self.scp.stop(grace_s)
+        self._stop.set()
+        self._wake.set()
+        for t in self._workers:
+            t.join(timeout=1.0)
+        busy = [t.name for t in self._workers if t.is_alive()]
+        if busy:
+            # Their jobs stay 'running' in the journal and are re-queued at the next start.
+            log.warning("leaving %d processing job(s) in flight; they resume at next start", len(busy))
+        if self.outbox is not None:
+            try:
+                self.outbox.stop()
+            except Exception:
+                log.exception("outbox stop failed")
+        if self.completion:
+            try:
+                self.completion.shutdown()
+            except Exception:  # not started
+                pass
+        if self.admin:
+            self.admin.stop()
+        if self.journal and not busy:
+            self.journal.close()
+        log.info("stopped")
+
+    def request_stop(self) -> None:
+        """Signal-safe: ask ``run_forever`` to return."""
+        self._stop.set()
+
+    def run_forever(self) -> None:
+        while not self._stop.wait(0.5):
+            pass
+
+    # -- callbacks --------------------------------------------------------------
+    def _on_stored(self, study_uid: str, result: RecordResult) -> None:
+        if result.reopened:
+            log.info("study %s reopened by a late instance", study_uid)
+        self.completion.instance_received(study_uid, result.last_received)
+
+    def _on_complete(self, study_uid: str) -> None:
+        self.metrics.studies_completed.inc()
+        self.metrics.jobs.labels(outcome="queued").inc()
+        self._wake.set()
+
+    def _on_study_sent(self, study_uid: str) -> None:
+        st = self.journal.get_study(study_uid)
+        if st is not None and st.state == "reported":  # not if reopened meanwhile
+            self.journal.set_study_state(study_uid, "sent")
+
+    def _on_study_send_failed(self, study_uid: str, error: str) -> None:
+        st = self.journal.get_study(study_uid)
+        if st is not None and st.state in ("reported", "sent"):
+            self.journal.set_study_state(study_uid, "failed", stage="outbox", error=error[:2000])
+
+    def health(self) -> dict:
+        h = {"status": "ok", "ae_title": self.config.node.ae_title,
+             "port": self.scp.address[1] if self.scp and self.scp.server else None,
+             "outbox": self.outbox is not None, "pipeline": self._pipeline() is not None}
+        try:
+            with self.journal.engine.connect() as c:
+                c.execute(sa.text("SELECT 1"))
+        except Exception as exc:
+            h.update(status="error", journal=str(exc.__class__.__name__))
+        if not self._started:
+            h["status"] = "stopping"
+        return h
+
+    # -- processing ---------------------------------------------------------------
+    def _pipeline(self) -> Optional[Callable]:
+        if self._pipeline_fn is None:
+            if importlib.util.find_spec("dicom_node.pipeline") is None:
+                if not self._pipeline_missing_logged:
+                    log.info("no pipeline module: complete studies stay 'waiting'")
+                    self._pipeline_missing_logged = True
+                return None
+            self._pipeline_fn = importlib.import_module("dicom_node.pipeline").process_study
+        return self._pipeline_fn
+
+    def _worker(self) -> None:
+        while not self._stop.is_set():
+            try:
+                fn = self._pipeline()
+            except Exception:
+                if not self._pipeline_missing_logged:
+                    log.exception("the pipeline module does not import; complete studies stay 'waiting'")
+                    self._pipeline_missing_logged = True
+                fn = None
+            job = self.journal.claim_job() if fn is not None else None
+            if job is None:
+                self._wake.wait(WORKER_POLL_S)
+                self._wake.clear()
+                continue
+            self._run_job(fn, job)
+
+    def _run_job(self, fn: Callable, job) -> None:
+        log.info("processing study %s (job %d, attempt %d)", job.study_uid, job.id, job.attempts)
+        t0 = time.monotonic()
+        try:
+            fn(self, job.study_uid)
+        except Exception as exc:
+            err = f"{exc.__class__.__name__}: {exc}"[:2000]
+            log.error("processing study %s failed: %s", job.study_uid, err)
+            self.journal.fail_job(job.id, err)
+            st = self.journal.get_study(job.study_uid)
+            if st is not None and st.state != "receiving":
+                self.journal.set_study_state(job.study_uid, "failed", stage=st.stage or "pipeline", error=err)
+            self.metrics.jobs.labels(outcome="failed").inc()
+            return
+        self.journal.finish_job(job.id)
+        self.metrics.jobs.labels(outcome="done").inc()
+        log.info("study %s processed in %.1fs", job.study_uid, time.monotonic() - t0)
+
+
+def _safe_url(url: str) -> str:
+    """The journal URL without a password."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "(unparseable URL)"

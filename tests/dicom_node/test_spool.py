@@ -1,0 +1,89 @@
+"""Spool writes and the raw data set walker (no network)."""
+
+from __future__ import annotations
+
+import io
+import zlib
+
+import pydicom
+import pytest
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
+
+from dicom_node.scp import DEFLATED_LE, EXPLICIT_LE, MalformedDataset, parse_header
+from dicom_node.spool import FileMeta, Spool, SpoolFull, uid_is_path_safe, uid_is_valid
+from tests.dicom_node.conftest import make_dataset
+
+
+def encode(ds, implicit=False, little=True) -> bytes:
+    buf = DicomBytesIO()
+    buf.is_implicit_VR, buf.is_little_endian = implicit, little
+    write_dataset(buf, ds)
+    return buf.getvalue()
+
+
+def test_uid_rules():
+    assert uid_is_valid("1.2.840.10008.1.2") and not uid_is_valid("1.2.") and not uid_is_valid("1" * 65)
+    assert uid_is_path_safe("999.999.01.5")  # real-world invalid but harmless
+    for bad in ["../../etc/x", "..", ".", "", "1/2", "1\\2", "results", "1.2\x00", "a.b", "1 2", "1" * 200]:
+        assert not uid_is_path_safe(bad), bad
+
+
+@pytest.mark.parametrize("ts", ["implicit", "explicit", "big", "deflated"])
+def test_parse_header_all_uncompressed_syntaxes(ts):
+    ds = make_dataset()
+    if ts == "implicit":
+        raw, uid = encode(ds, implicit=True), ImplicitVRLittleEndian
+    elif ts == "big":
+        raw, uid = encode(ds, little=False), ExplicitVRBigEndian
+    elif ts == "deflated":
+        c = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+        raw, uid = c.compress(encode(ds)) + c.flush(), DEFLATED_LE
+    else:
+        raw, uid = encode(ds), EXPLICIT_LE
+    h = parse_header(raw, uid)
+    assert (h.study_uid, h.series_uid, h.sop_instance_uid) == (ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                                                               ds.SOPInstanceUID)
+    assert h.modality == "XA" and h.n_frames == 8 and h.has_pixels and len(h.patient_hash) == 16
+
+
+def test_parse_header_rejects_truncated_and_garbage():
+    raw = encode(make_dataset())
+    for cut in (len(raw) - 1, len(raw) // 2, 7, 13):
+        with pytest.raises(MalformedDataset):
+            parse_header(raw[:cut], EXPLICIT_LE)
+    with pytest.raises(MalformedDataset):
+        parse_header(bytes(range(256)) * 4, EXPLICIT_LE)
+    with pytest.raises(MalformedDataset):
+        parse_header(b"\x01\x02" * 100, DEFLATED_LE)
+
+
+def test_parse_header_real_files(real_xa_files):
+    for f in real_xa_files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        with open(f, "rb") as fh:
+            fh.seek(132)
+            pydicom.filereader._read_file_meta_info(fh)
+            raw = fh.read()
+        h = parse_header(raw, ds.file_meta.TransferSyntaxUID)
+        assert h.sop_instance_uid == ds.SOPInstanceUID and h.has_pixels, f.name
+
+
+def test_store_atomic_and_clean(tmp_path):
+    sp = Spool(tmp_path / "s", fsync=True)
+    (sp.tmp / "stale.part").write_bytes(b"x")
+    assert sp.clean_stale_temp() == 1 and not list(sp.tmp.iterdir())
+    meta = FileMeta("1.2.840.10008.5.1.4.1.1.12.1", "1.2.3.4", EXPLICIT_LE, "1.2.3", "X", "MOD")
+    raw = encode(make_dataset(sop_uid="1.2.3.4"))
+    out = sp.store("1.2", "1.2.3", "1.2.3.4", meta, io.BytesIO(raw))
+    assert out.path == tmp_path / "s" / "1.2" / "1.2.3" / "1.2.3.4.dcm" and out.size == out.path.stat().st_size
+    ds = pydicom.dcmread(out.path)
+    assert ds.file_meta.TransferSyntaxUID == EXPLICIT_LE and ds.SOPInstanceUID == "1.2.3.4"
+    assert out.path.read_bytes().endswith(raw)
+    with pytest.raises(ValueError):
+        sp.store("..", "1", "1", meta, raw)
+    full = Spool(tmp_path / "s", min_free_mb=10**12)
+    with pytest.raises(SpoolFull):
+        full.store("1.2", "1.2.3", "1.2.3.5", meta, raw)
+    assert not list(sp.tmp.iterdir())
