@@ -29,7 +29,25 @@ class UsageError(Exception):
     """Bad usage: exit status 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+_PLUGIN_HELP = {
+    "synth": "synthetic angiography studies + labels.jsonl (training module)",
+    "train": "train a model: selector | vlm (training module)",
+    "export": "export a trained model: selector -> ONNX (training module)",
+    "evaluate": "evaluate a model: selector | vlm, --json (training module)",
+}
+
+
+def _chosen_command(argv: list[str]) -> str | None:
+    for a in argv:
+        if not a.startswith("-"):
+            return a
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """Build the parser.  Plugin commands are imported only when chosen (torch is slow to import)."""
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = _chosen_command(argv)
     parser = argparse.ArgumentParser(
         prog="cag-node",
         description="DICOM AI node for coronary angiography: key frames, laterality and a draft "
@@ -47,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         mod.register(sub)
     for ep in sorted(entry_points(group="cag_node.commands"), key=lambda e: e.name):
+        if ep.name != chosen:
+            p = sub.add_parser(ep.name, help=_PLUGIN_HELP.get(ep.name, "(training module)"), add_help=False)
+            p.set_defaults(func=None)
+            continue
         try:
             register = ep.load()
         except ImportError as exc:  # e.g. training extras absent
@@ -63,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from dicom_node.config import ConfigError
 
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

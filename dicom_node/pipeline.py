@@ -41,27 +41,27 @@ class StageError(RuntimeError):
         self.stage = stage
 
 
-# One daemon thread pool per stage: a hung call occupies at most its own
-# stage's threads, and daemon threads never block interpreter exit.
-_EXECUTORS: dict[str, cf.ThreadPoolExecutor] = {}
-_EXEC_LOCK = threading.Lock()
-
-
-def _executor(stage: str) -> cf.ThreadPoolExecutor:
-    with _EXEC_LOCK:
-        ex = _EXECUTORS.get(stage)
-        if ex is None:
-            ex = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"stage-{stage}")
-            _EXECUTORS[stage] = ex
-        return ex
-
-
 def run_with_timeout(stage: str, timeout_s: float, fn: Callable[..., Any], *args, **kwargs) -> Any:
-    fut = _executor(stage).submit(fn, *args, **kwargs)
+    """Run ``fn`` in a daemon thread and wait at most ``timeout_s``.
+
+    A daemon thread (not a ThreadPoolExecutor, whose workers are joined at
+    interpreter exit) so that a model call that never returns can neither stall
+    the study queue nor hold up a graceful shutdown.
+    """
+    fut: cf.Future = cf.Future()
+
+    def _target():
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # handed to the waiting caller
+            fut.set_exception(exc)
+
+    threading.Thread(target=_target, name=f"stage-{stage}", daemon=True).start()
     try:
         return fut.result(timeout=timeout_s)
     except cf.TimeoutError:
-        fut.cancel()
         raise StageTimeout(f"{stage} did not finish within {timeout_s:g} s") from None
 
 
