@@ -29,4 +29,7 @@ def setup_logging(config: Config, verbose: bool = False) -> None:
     noisy = logging.DEBUG if level == logging.DEBUG else logging.WARNING
     for name in ("pynetdicom", "apscheduler"):
         logging.getLogger(name).setLevel(noisy)
+    # A poll job still running when its next tick comes is skipped by design
+    # (max_instances=1); apscheduler reports each skip as a WARNING.
+    logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR if level > logging.DEBUG else logging.DEBUG)
     logging.getLogger("pydicom").setLevel(logging.ERROR if level > logging.DEBUG else logging.DEBUG)

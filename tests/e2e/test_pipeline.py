@@ -119,7 +119,7 @@ def test_study_in_sr_and_kos_out(tmp_path, demo_bundle, held_out_study, storescp
             assert not errors, f"{p.name}: {errors}"
     if shutil.which("dsrdump"):
         for p in storescp.files():
-            out = subprocess.run(["dsrdump", str(p)], capture_output=True, text=True)
+            out = subprocess.run(["dsrdump", str(p)], capture_output=True, text=True, errors="replace")
             assert out.returncode == 0, out.stderr
 
 
