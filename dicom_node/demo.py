@@ -19,7 +19,6 @@ import json
 import logging
 import shutil
 import socket
-import subprocess
 import sys
 import threading
 import time

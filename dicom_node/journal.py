@@ -415,6 +415,52 @@ class Journal:
             st.updated_at = utcnow()
         log.info("study %s -> %s%s", study_uid, state, f" ({stage})" if stage else "")
 
+    def advance_stage(self, study_uid: str, stage: str) -> bool:
+        """Move a study being processed to ``stage`` (state ``processing``).
+
+        Only from ``waiting``/``processing``: a study that a late instance has
+        reopened (``receiving``) is left alone and False is returned, so the
+        running pipeline stops instead of overwriting the new state.
+        """
+        with self.sessionmaker.begin() as s:
+            res = s.execute(sa.update(Study).where(Study.study_uid == study_uid,
+                                                   Study.state.in_(("waiting", "processing")))
+                            .values(state="processing", stage=stage, error=None, updated_at=utcnow()))
+            return res.rowcount == 1
+
+    def fail_processing(self, study_uid: str, stage: str, error: str) -> bool:
+        """``failed`` with stage and error, unless the study was reopened meanwhile."""
+        with self.sessionmaker.begin() as s:
+            res = s.execute(sa.update(Study).where(Study.study_uid == study_uid,
+                                                   Study.state.in_(("waiting", "processing")))
+                            .values(state="failed", stage=stage, error=error, updated_at=utcnow()))
+            return res.rowcount == 1
+
+    def publish_results(self, study_uid: str, in_transaction=None) -> bool:
+        """Finish a study's processing in ONE commit: state ``reported``, the running
+        process job ``done``, and whatever ``in_transaction(session)`` adds (the
+        outbox rows).  Returns False, changing nothing, when the study is no longer
+        ``processing`` (a late instance reopened it: these results are stale and a
+        new processing follows).  A crash before the commit leaves the job running
+        (re-queued at restart, nothing sent); after it, nothing is re-processed.
+        """
+        now = utcnow()
+        with self.sessionmaker.begin() as s:
+            st = s.get(Study, study_uid, with_for_update=True)
+            if st is None or st.state != "processing":
+                return False
+            st.state = "reported"
+            st.stage = "outbox"
+            st.error = None
+            st.updated_at = now
+            s.execute(sa.update(Job).where(Job.study_uid == study_uid, Job.kind == PROCESS,
+                                           Job.state == "running").values(state="done", finished_at=now,
+                                                                          error=None))
+            if in_transaction is not None:
+                in_transaction(s)
+        log.info("study %s -> reported (outbox)", study_uid)
+        return True
+
     def set_study_timings(self, study_uid: str, timings: dict) -> None:
         """Merge per-stage timings (seconds) into the study's record."""
         with self.sessionmaker.begin() as s:

@@ -144,11 +144,8 @@ class Node:
                 raise
             log.info("no outbox module: results stay in the spool")
             return
-        try:
-            self.outbox = mod.Outbox(self.config, self.journal.sessionmaker, on_study_sent=self._on_study_sent,
-                                     on_study_failed=self._on_study_send_failed)
-        except TypeError:  # an outbox without the failure callback
-            self.outbox = mod.Outbox(self.config, self.journal.sessionmaker, on_study_sent=self._on_study_sent)
+        self.outbox = mod.Outbox(self.config, self.journal.sessionmaker, on_study_sent=self._on_study_sent,
+                                 on_study_failed=self._on_study_send_failed)
         self.outbox.start(self.completion.scheduler)
 
     def stop(self, grace_s: float = 30.0) -> None:

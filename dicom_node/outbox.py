@@ -61,7 +61,8 @@ PENDING = "pending"
 SENDING = "sending"
 SENT = "sent"
 FAILED = "failed"
-STATES = (PENDING, SENDING, SENT, FAILED)
+SUPERSEDED = "superseded"  # an older result of a re-processed study: never sent
+STATES = (PENDING, SENDING, SENT, FAILED, SUPERSEDED)
 
 
 def utcnow() -> _dt.datetime:
@@ -171,26 +172,43 @@ class Outbox:
         Returns the row ids.  An existing ``failed`` row is re-queued; a ``sent``
         one is left alone.  No destinations: returns [] (the study stays reported).
         """
-        for name, v in (("study_uid", study_uid), ("sop_instance_uid", sop_instance_uid)):
+        with self.session_factory() as s, s.begin():
+            return self.enqueue_in(s, study_uid, [(sop_instance_uid, path)])
+
+    def enqueue_in(self, session, study_uid: str, items: Sequence[tuple[str, str | Path]],
+                   supersede: bool = False) -> list[int]:
+        """``enqueue`` inside the caller's transaction (the pipeline publishes a study's
+        results, its ``reported`` state and its job's completion in one commit).
+
+        ``supersede``: older rows of the study that were not sent yet (a previous
+        result of a re-processed study) become ``superseded`` and are never sent,
+        so a PACS never receives two AI reports for one processing of a study.
+        """
+        for name, v in [("study_uid", study_uid)] + [("sop_instance_uid", u) for u, _ in items]:
             if not v or len(v) > 64:
                 raise ValueError(f"{name}: must be a DICOM UID, got {v!r}")
-        path = str(Path(path).resolve())
         if not self.config.destinations:
-            log.warning("no destinations configured: %s of study %s is not sent", sop_instance_uid, study_uid)
+            log.warning("no destinations configured: results of study %s are not sent", study_uid)
             return []
-        ids = []
         now = utcnow()
-        with self.session_factory() as s, s.begin():
+        new_uids = {u for u, _ in items}
+        if supersede:
+            session.execute(sa.update(OutboxRow).where(
+                OutboxRow.study_uid == study_uid, OutboxRow.state.in_((PENDING, FAILED)),
+                OutboxRow.sop_instance_uid.not_in(new_uids)).values(state=SUPERSEDED, claimed_by=None))
+        ids = []
+        for sop_instance_uid, path in items:
+            path = str(Path(path).resolve())
             for dest in self.config.destinations:
-                row = s.scalars(sa.select(OutboxRow).where(
+                row = session.scalars(sa.select(OutboxRow).where(
                     OutboxRow.sop_instance_uid == sop_instance_uid,
                     OutboxRow.destination == dest.name)).first()
                 if row is None:
                     row = OutboxRow(study_uid=study_uid, sop_instance_uid=sop_instance_uid, path=path,
                                     destination=dest.name, state=PENDING, attempts=0, created_at=now,
                                     queued_at=now, next_attempt_at=now)
-                    s.add(row)
-                    s.flush()
+                    session.add(row)
+                    session.flush()
                 elif row.state == FAILED:
                     row.state, row.attempts, row.queued_at, row.next_attempt_at = PENDING, 0, now, now
                     row.path = path
@@ -377,6 +395,7 @@ class Outbox:
 
 
 def _study_state(states: Sequence[str]) -> Optional[str]:
+    states = [s for s in states if s != SUPERSEDED]
     if not states:
         return None
     if all(s == SENT for s in states):
@@ -387,4 +406,4 @@ def _study_state(states: Sequence[str]) -> Optional[str]:
 
 
 __all__ = ["Outbox", "OutboxRow", "retry_study_db", "create_table", "backoff_s",
-           "PENDING", "SENDING", "SENT", "FAILED"]
+           "PENDING", "SENDING", "SENT", "FAILED", "SUPERSEDED"]

@@ -33,6 +33,10 @@ class StageTimeout(RuntimeError):
     """A pipeline stage ran past its configured timeout."""
 
 
+class StaleStudy(Exception):
+    """The study was reopened by a late instance while it was being processed."""
+
+
 class StageError(RuntimeError):
     """A pipeline stage failed; ``stage`` names it."""
 
@@ -250,12 +254,19 @@ def results_dir(node, study_uid: str) -> Path:
 
 
 def _predecessor(node, study_uid: str) -> Optional[pydicom.Dataset]:
-    """The newest SR this node wrote for the study, if any (a re-processed study references it)."""
+    """The newest SR this node delivered for the study, if any (a re-processed study
+    references it).  SRs that were superseded before reaching any PACS don't count."""
     d = results_dir(node, study_uid)
     if not d.is_dir():
         return None
+    delivered = None
+    outbox = getattr(node, "outbox", None)
+    if outbox is not None:
+        delivered = {r.sop_instance_uid for r in outbox.rows_for(study_uid) if r.state == "sent"}
     srs = []
     for p in d.glob("SR_*.dcm"):
+        if delivered is not None and p.stem[3:] not in delivered:
+            continue
         try:
             srs.append((p.stat().st_mtime_ns, p))
         except OSError:
@@ -272,9 +283,11 @@ def process_study(node, study_uid: str) -> dict:
     journal = node.journal
     timer = _Timer()
     t_all = time.monotonic()
+    written: list = []
 
     def stage(name: str) -> None:
-        journal.set_study_state(study_uid, "processing", stage=name)
+        if not journal.advance_stage(study_uid, name):
+            raise StaleStudy(study_uid)
 
     try:
         stage("frames")
@@ -354,11 +367,17 @@ def process_study(node, study_uid: str) -> dict:
             raise StageError("encode", str(exc)) from None
         timer.record("encode", time.monotonic() - t0, node)
 
-        journal.set_study_state(study_uid, "reported", stage="outbox")
+        # One commit: state reported + job done + outbox rows (older unsent results of
+        # this study superseded).  A reopened study's results are stale: dropped.
         outbox = getattr(node, "outbox", None)
-        if outbox is not None:
-            for _kind, sop_uid, path in written:
-                outbox.enqueue(study_uid, sop_uid, str(path))
+        items = [(sop_uid, str(path)) for _kind, sop_uid, path in written]
+
+        def _in_tx(session):
+            if outbox is not None:
+                outbox.enqueue_in(session, study_uid, items, supersede=True)
+
+        if not journal.publish_results(study_uid, _in_tx):
+            raise StaleStudy(study_uid)
         timer.record("total", time.monotonic() - t_all, node)
         summary = {
             "study_uid": study_uid,
@@ -372,10 +391,16 @@ def process_study(node, study_uid: str) -> dict:
         log.info("study %s reported: %d run(s) analysed, %d not; %s", study_uid, len(usable), len(skipped),
                  ", ".join(f"{k}={v:.2f}s" for k, v in timer.timings.items()))
         return summary
+    except StaleStudy:
+        for _kind, _uid, path in written:
+            Path(path).unlink(missing_ok=True)
+        log.info("study %s was reopened by a late instance during processing: results dropped, "
+                 "it is processed again when complete", study_uid)
+        return {"study_uid": study_uid, "stale": True, "timings": timer.timings}
     except Exception as exc:
         stage_name = exc.stage if isinstance(exc, StageError) else "pipeline"
         _save_timings(journal, study_uid, timer.timings)
-        journal.set_study_state(study_uid, "failed", stage=stage_name, error=str(exc)[:2000])
+        journal.fail_processing(study_uid, stage_name, str(exc)[:2000])
         log.error("study %s failed in %s: %s", study_uid, stage_name, exc)
         raise
 

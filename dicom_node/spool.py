@@ -39,8 +39,11 @@ log = logging.getLogger(__name__)
 STRICT_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 # What we accept as a path component: starts with a digit (so it can never be
 # "." / ".." / a hidden file / the pipeline's "results" folder), then only
-# characters that are inert in a file name on every OS.
-_PATH_SAFE = re.compile(r"^[0-9][0-9A-Za-z._-]{0,127}$")
+# characters that are inert in a file name on every OS.  At most 64 characters
+# (the UI VR's limit): a longer UID could never be referenced by our SR/KOS or
+# returned to a PACS, so it is refused at reception rather than accepted into a
+# study that can never get a result.
+_PATH_SAFE = re.compile(r"^[0-9][0-9A-Za-z._-]{0,63}$")
 TMP_DIR = ".tmp"
 PREAMBLE = b"\x00" * 128 + b"DICM"
 

@@ -7,6 +7,7 @@ never reach a model hub.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -42,3 +43,48 @@ def real_xa_files(real_xa_dir) -> list[Path]:
 def require_tools(*tools: str):
     missing = [t for t in tools if not have(t)]
     return pytest.mark.skipif(bool(missing), reason=f"missing tools: {', '.join(missing)}")
+
+
+# One quick demo bundle per test session, shared by e2e and reliability tests.
+def _sources_hash() -> str:
+    """A hash of the code that builds a bundle: a cached bundle is reused only while it is unchanged."""
+    root = Path(__file__).resolve().parents[2]
+    h = hashlib.sha256()
+    for pkg in ("training", "inference"):
+        for p in sorted((root / pkg).rglob("*.py")):
+            h.update(str(p.relative_to(root)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def quick_bundle(request, tmp_path_factory) -> Path:
+    """A quick demo bundle: ``CAG_TEST_BUNDLE`` if set, else one cached in pytest's cache folder
+    (keyed by the training/inference sources), else built now (minutes on 2 cores)."""
+    pre = os.environ.get("CAG_TEST_BUNDLE")
+    if pre:
+        return Path(pre)
+    try:
+        from training.demo import build_demo_bundle
+        from inference.bundle import Bundle, BundleError
+    except ImportError as exc:  # the training module is not there (serving-only install)
+        pytest.skip(f"no model bundle: training module unavailable ({exc})")
+    cache = getattr(request.config, "cache", None)
+    if cache is not None:
+        root = Path(cache.mkdir("cag-quick-bundle")) / _sources_hash()
+    else:
+        root = tmp_path_factory.mktemp("quick-bundle")
+    bundle = root / "demo"
+    try:
+        Bundle.load(bundle)
+        return bundle
+    except BundleError:
+        pass
+    for old in root.parent.iterdir() if cache is not None else []:
+        if old != root and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    build_demo_bundle(bundle, work_dir=root / "work", quick=True)
+    shutil.rmtree(root / "work", ignore_errors=True)
+    return bundle
+
+

@@ -1,9 +1,12 @@
-"""``cag-node retry STUDY_UID``: re-queue a study's processing and its results.
+"""``cag-node retry STUDY_UID``: re-queue what failed for a study.
 
-Works on the journal directly: a running node's workers pick the queued job
-up within a second; otherwise it runs at the next start.  Results that the
-outbox gave up on are re-queued through ``dicom_node.outbox.retry_study_db``
-when the outbox module provides it.
+Works on the journal directly: a running node picks the work up within a
+second; otherwise it runs at the next start.
+- A study whose *sending* failed (stage ``outbox``) gets its existing results
+  re-queued (``dicom_node.outbox.retry_study_db``): the PACS receives the same
+  SR/KOS, not a second report.
+- Any other failed study (or ``--reprocess``) is processed again; results of an
+  earlier processing that were never delivered are superseded, never sent.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ def register(sub) -> None:
     p = sub.add_parser("retry", help="re-queue a failed study's processing (and unsent results)")
     p.add_argument("study_uid", metavar="STUDY_UID")
     p.add_argument("--config", help="config.yaml (default: ./config.yaml or built-in defaults)")
+    p.add_argument("--reprocess", action="store_true",
+                   help="process the study again even if only sending failed (a new SR replaces the old)")
     p.set_defaults(func=run)
 
 
@@ -35,19 +40,24 @@ def run(args) -> int:
             print(f"cag-node retry: study {args.study_uid} is still receiving; it is queued when complete",
                   file=sys.stderr)
             return 1
-        job = journal.retry_study(args.study_uid)
-        print(f"study {args.study_uid}: processing re-queued (job {job.id}, was {st.state})")
         try:
             outbox = importlib.import_module("dicom_node.outbox")
         except ModuleNotFoundError as exc:
             if exc.name != "dicom_node.outbox":
                 raise
             outbox = None
-        fn = getattr(outbox, "retry_study_db", None) if outbox else None
-        if fn is not None:
-            n = fn(journal.sessionmaker, args.study_uid)
+        resend = getattr(outbox, "retry_study_db", None) if outbox else None
+        if st.stage == "outbox" and st.state in ("failed", "reported") and resend and not args.reprocess:
+            # State first: a running node may deliver the rows at once, and it moves
+            # a study to `sent` only from `reported`.
+            journal.set_study_state(args.study_uid, "reported", stage="outbox")
+            n = resend(journal.sessionmaker, args.study_uid)
             if n:
-                print(f"study {args.study_uid}: {n} result(s) re-queued in the outbox")
+                print(f"study {args.study_uid}: {n} result(s) re-queued for sending")
+                return 0
+            print(f"study {args.study_uid}: no unsent result to re-queue; processing again")
+        job = journal.retry_study(args.study_uid)
+        print(f"study {args.study_uid}: processing re-queued (job {job.id}, was {st.state})")
     finally:
         journal.close()
     return 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -16,20 +15,9 @@ from dicom_node.demo import free_port
 
 
 @pytest.fixture(scope="session")
-def demo_bundle(tmp_path_factory) -> Path:
-    """A quick demo bundle (synthetic data → selector → tiny VLM), built once per session.
-
-    Set CAG_TEST_BUNDLE to reuse a bundle already built (e.g. by `cag-node demo --prepare`).
-    """
-    pre = os.environ.get("CAG_TEST_BUNDLE")
-    if pre:
-        return Path(pre)
-    from training.demo import build_demo_bundle
-
-    root = tmp_path_factory.mktemp("bundle")
-    bundle = root / "demo"
-    build_demo_bundle(bundle, work_dir=root / "work", quick=True)
-    return bundle
+def demo_bundle(quick_bundle) -> Path:
+    """The session's quick demo bundle (tests/conftest.py); CAG_TEST_BUNDLE reuses a built one."""
+    return quick_bundle
 
 
 @pytest.fixture(scope="session")

@@ -32,8 +32,6 @@ def _referenced_sops(path) -> set[str]:
     return out
 
 
-@pytest.mark.known_defect("dicom_node/pipeline.py process_study: results of a study reopened during "
-                          "processing are still reported and sent")
 def test_study_reopened_during_processing(nodes, pacs_factory, rel_bundle, tmp_path):
     pacs = pacs_factory().start()
     node = nodes(bundle=rel_bundle, destinations=[pacs.destination()], vlm=NO_VLM,

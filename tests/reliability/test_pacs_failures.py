@@ -118,8 +118,6 @@ def test_pacs_slow_association_then_slow_dimse(nodes, pacs_factory, rel_bundle, 
     assert_results_once(pacs, [su])
 
 
-@pytest.mark.known_defect("dicom_node/node.py _start_outbox: on_study_failed not wired; "
-                          "commands/retry.py re-processes and re-sends the superseded results")
 def test_pacs_permanent_refusal_fails_the_study_and_retry_resends(nodes, pacs_factory, rel_bundle, tmp_path):
     """0xA900 (data set does not match SOP class) is permanent: the study must end `failed` with the
     reason (not stay `reported` forever); `cag-node retry` after the PACS is fixed sends it."""

@@ -1,0 +1,125 @@
+"""``cag-node report FILE... [--bundle DIR] [--config FILE] [--json]`` — selector + VLM on the
+runs of one study.
+
+Prints laterality and key frames per run and the draft report per language (findings,
+impression, recommendation).  With ``--json``: ``{"runs": [{file, sop_instance_uid, laterality,
+confidence, key_frames, error}], "report": {"en": {findings, impression, recommendation,
+format_ok}, "ja": {...}}, "model": {...}, "timing_s": {...}}``.  The VLM is the one ``vlm`` in the
+config names (default: the bundle's own).  Exit status 1 when no run could be analysed or the
+VLM failed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def register(sub) -> None:
+    p = sub.add_parser("report", help="selector + VLM on the runs of one study: a draft bilingual report")
+    p.add_argument("files", nargs="+", metavar="FILE", help="DICOM runs (multi-frame XA) of one study")
+    p.add_argument("--bundle", default=None, help="model bundle folder (default: models.bundle of the config)")
+    p.add_argument("--config", default=None, help="config file (default: ./config.yaml if present)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--languages", default=None,
+                   help="comma-separated report languages (default: processing.languages, en,ja)")
+    p.set_defaults(func=run)
+
+
+def _vlm_cfg(cfg):
+    v = cfg.vlm.model_dump()
+    for key in ("path", "adapter"):
+        if v.get(key):
+            v[key] = str(cfg.resolve(v[key]))
+    return v
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from dicom_node.config import load_config
+    from inference.bundle import Bundle, BundleError
+    from inference.types import LANGUAGES, RunSelection
+
+    cfg = load_config(args.config)
+    if args.languages:
+        langs = [l.strip() for l in args.languages.split(",") if l.strip()]
+        bad = [l for l in langs if l not in LANGUAGES]
+        if bad:
+            from dicom_node.cli import UsageError
+
+            raise UsageError(f"--languages: unknown language(s) {bad}; choose from {list(LANGUAGES)}")
+    else:
+        langs = list(cfg.processing.languages)
+    bundle_dir = Path(args.bundle) if args.bundle else cfg.bundle_dir
+    try:
+        bundle = Bundle.load(bundle_dir)
+    except BundleError as exc:
+        print(f"cag-node report: {exc}", file=sys.stderr)
+        return 1
+    if bundle.manifest.selector is None:
+        print(f"cag-node report: bundle {bundle_dir} has no selector", file=sys.stderr)
+        return 1
+    from inference.selector import Selector, SelectorError
+
+    sc = cfg.selector
+    t0 = time.monotonic()
+    try:
+        sel = Selector(bundle, threads=sc.threads, batch_size=sc.batch_size, providers=sc.providers)
+    except SelectorError as exc:
+        print(f"cag-node report: {exc}", file=sys.stderr)
+        return 1
+    runs: list[RunSelection] = []
+    for f in args.files:
+        if not Path(f).is_file():
+            runs.append(RunSelection(file=f, sop_instance_uid="", error=f"{f}: no such file"))
+            continue
+        runs.append(sel.select_run(f, min_gap=sc.min_gap, max_key_frames=sc.max_key_frames))
+    t_sel = time.monotonic() - t0
+    ok = [r for r in runs if r.ok]
+    out_runs = [{k: r.to_dict()[k] for k in ("file", "sop_instance_uid", "laterality", "confidence",
+                                             "key_frames", "error")} for r in runs]
+    if not ok:
+        if args.json:
+            print(json.dumps({"runs": out_runs, "report": {}, "error": "no run could be analysed"},
+                             indent=2, ensure_ascii=False))
+        print("cag-node report: no run could be analysed", file=sys.stderr)
+        return 1
+
+    from inference.frames import read_frame
+    from inference.vlm import ReportError, load_backend, report_study
+
+    t1 = time.monotonic()
+    try:
+        backend = load_backend(_vlm_cfg(cfg), bundle)
+        t_load = time.monotonic() - t1
+        t2 = time.monotonic()
+        report = report_study(backend, ok, lambda run, n: read_frame(run.file, n), languages=langs)
+    except (ReportError, ImportError, OSError, ValueError) as exc:
+        print(f"cag-node report: VLM failed: {exc}", file=sys.stderr)
+        return 1
+    t_vlm = time.monotonic() - t2
+    if args.json:
+        print(json.dumps({
+            "runs": out_runs,
+            "report": {k: v.to_dict() for k, v in report.items()},
+            "model": backend.model_info.to_dict(),
+            "timing_s": {"selector": round(t_sel, 3), "vlm_load": round(t_load, 3), "vlm": round(t_vlm, 3)},
+        }, indent=2, ensure_ascii=False))
+    else:
+        for r in runs:
+            if r.error:
+                print(f"{r.file}: ERROR {r.error}")
+            else:
+                print(f"{r.file}: {r.laterality} {r.confidence:.3f}; key frames "
+                      f"{', '.join(str(k.frame_number) for k in r.key_frames)}")
+        info = backend.model_info
+        print(f"\nModel: {info.name} {info.version} (VLM {info.vlm}{', adapter ' + info.adapter if info.adapter else ''})"
+              + (" — DEMO, synthetic data, not for clinical use" if info.synthetic_demo else ""))
+        for lang, rep in report.items():
+            print(f"\n[{lang}]" + ("" if rep.format_ok else " (model did not follow the report format)"))
+            print(f"  Findings: {rep.findings}")
+            print(f"  Impression: {rep.impression}")
+            print(f"  Recommendation: {rep.recommendation}")
+    return 0

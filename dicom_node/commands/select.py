@@ -1,0 +1,85 @@
+"""``cag-node select FILE... [--bundle DIR] [--config FILE] [--json]`` — the selector alone.
+
+Prints, per file, laterality with confidence, key frames (1-based, best first) and the
+candidate frames.  With ``--json``: a JSON list of objects with ``file``,
+``sop_instance_uid``, ``laterality``, ``confidence``, ``key_frames``, ``candidates`` (and
+``n_frames``, ``key_frame_details``, ``error``).  A run that cannot be analysed is listed with
+its ``error``; the exit status is 1 only when no file could be analysed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser("select", help="key frames and laterality of XA runs (the selector alone)")
+    p.add_argument("files", nargs="+", metavar="FILE", help="DICOM runs (multi-frame XA)")
+    p.add_argument("--bundle", default=None, help="model bundle folder (default: models.bundle of the config)")
+    p.add_argument("--config", default=None, help="config file (default: ./config.yaml if present)")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.add_argument("--min-gap", type=int, default=None, help="override selector.min_gap")
+    p.add_argument("--max-key-frames", type=int, default=None, help="override selector.max_key_frames")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from dicom_node.config import load_config
+    from inference.bundle import Bundle, BundleError
+
+    cfg = load_config(args.config)
+    sc = cfg.selector
+    bundle_dir = Path(args.bundle) if args.bundle else cfg.bundle_dir
+    try:
+        bundle = Bundle.load(bundle_dir)
+    except BundleError as exc:
+        print(f"cag-node select: {exc}", file=sys.stderr)
+        return 1
+    if bundle.manifest.selector is None:
+        print(f"cag-node select: bundle {bundle_dir} has no selector", file=sys.stderr)
+        return 1
+    from inference.selector import Selector, SelectorError
+
+    try:
+        sel = Selector(bundle, threads=sc.threads, batch_size=sc.batch_size, providers=sc.providers)
+    except SelectorError as exc:
+        print(f"cag-node select: {exc}", file=sys.stderr)
+        return 1
+    min_gap = args.min_gap or sc.min_gap
+    max_kf = args.max_key_frames or sc.max_key_frames
+    results = []
+    for f in args.files:
+        if not Path(f).is_file():
+            from inference.types import RunSelection
+
+            results.append(RunSelection(file=f, sop_instance_uid="", error=f"{f}: no such file"))
+            continue
+        results.append(sel.select_run(f, min_gap=min_gap, max_key_frames=max_kf))
+    if args.json:
+        out = []
+        for r in results:
+            d = r.to_dict()
+            out.append({
+                "file": d["file"],
+                "sop_instance_uid": d["sop_instance_uid"],
+                "laterality": d["laterality"],
+                "confidence": d["confidence"],
+                "key_frames": d["key_frames"],
+                "candidates": d["candidates"],
+                "n_frames": d["n_frames"],
+                "key_frame_details": d["key_frame_details"],
+                "error": d["error"],
+            })
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+    else:
+        for r in results:
+            if r.error:
+                print(f"{r.file}: ERROR {r.error}")
+            else:
+                kf = ", ".join(f"{k.frame_number} ({k.label} {k.score:.2f})" for k in r.key_frames)
+                print(f"{r.file}: {r.laterality} {r.confidence:.3f}; key frames {kf}; "
+                      f"{len(r.candidates)} candidates of {r.n_frames} frames")
+    return 0 if any(r.error is None for r in results) else 1
