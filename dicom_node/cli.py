@@ -71,7 +71,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             continue
         try:
             register = ep.load()
-        except ImportError as exc:  # e.g. training extras absent
+        except Exception as exc:  # e.g. training extras absent: never stops `serve`
             def _missing(args, _exc=exc, _name=ep.name):
                 print(f"cag-node {_name}: unavailable ({_exc}); install the [train] extra", file=sys.stderr)
                 return 1

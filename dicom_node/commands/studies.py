@@ -23,8 +23,11 @@ def run(args) -> int:
 
     cfg = load_config(args.config)
     journal = Journal(cfg.journal_url)
+    outbox_rows: dict[str, list[dict]] = {}
     try:
         studies = journal.list_studies()
+        if args.json:
+            outbox_rows = _outbox_rows(journal)
     finally:
         journal.close()
     if args.json:
@@ -34,6 +37,7 @@ def run(args) -> int:
             "last_received": s.last_received.isoformat(),
             "completed_at": s.completed_at.isoformat() if s.completed_at else None,
             "timings": s.timings,
+            "outbox": outbox_rows.get(s.study_uid, []),
         } for s in studies]
         print(json.dumps(rows, indent=2))
         return 0
@@ -48,3 +52,21 @@ def run(args) -> int:
             err = err[:97] + "..."
         print(f"{s.study_uid:<{w}}  {s.state:<10}  {s.n_instances:>5}  {(s.stage or ''):<10}  {err}")
     return 0
+
+
+def _outbox_rows(journal) -> dict[str, list[dict]]:
+    """Each study's results and their delivery per destination (no PHI: UIDs and states)."""
+    try:
+        from dicom_node.outbox import OutboxRow
+    except ImportError:
+        return {}
+    import sqlalchemy as sa
+
+    out: dict[str, list[dict]] = {}
+    with journal.sessionmaker() as s:
+        for r in s.scalars(sa.select(OutboxRow).order_by(OutboxRow.id)):
+            out.setdefault(r.study_uid, []).append({
+                "sop_instance_uid": r.sop_instance_uid, "destination": r.destination, "state": r.state,
+                "attempts": r.attempts, "last_status": r.last_status, "last_error": r.last_error,
+            })
+    return out
