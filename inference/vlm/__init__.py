@@ -1,0 +1,82 @@
+"""Report generation: key frames -> bilingual draft report (findings / impression / recommendation).
+
+``load_backend(vlm_cfg, bundle) -> ReportBackend``; ``ReportBackend.generate(images, language)``;
+``report_study(backend, images_by_side | runs, frames_for=None, languages=("en", "ja"))``.
+The transformers backend (torch) is imported lazily, only when selected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from inference.types import ModelInfo
+from inference.vlm.base import (
+    HEADERS,
+    PROMPTS,
+    ReportBackend,
+    ReportError,
+    ReportTimeout,
+    build_prompt,
+    format_report,
+    parse_report,
+    report_study,
+    select_images,
+)
+
+__all__ = [
+    "HEADERS", "PROMPTS", "ReportBackend", "ReportError", "ReportTimeout", "build_prompt",
+    "format_report", "load_backend", "parse_report", "report_study", "select_images",
+]
+
+
+def _get(cfg: Any, key: str, default=None):
+    if cfg is None:
+        return default
+    if isinstance(cfg, dict):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def load_backend(vlm_cfg: Any, bundle=None) -> ReportBackend:
+    """The backend ``vlm_cfg`` (``dicom_node.config.VLMConfig`` or a dict) asks for.
+
+    ``backend: bundle`` = transformers on ``bundle.vlm_path`` (+ the bundle's adapter);
+    ``transformers`` = ``vlm.path`` (+ ``vlm.adapter``) or the bundle's; ``openai`` = ``vlm.url``.
+    """
+    kind = _get(vlm_cfg, "backend", "bundle") or "bundle"
+    max_new = int(_get(vlm_cfg, "max_new_tokens", 256) or 256)
+    max_images = int(_get(vlm_cfg, "max_images", 4) or 4)
+    timeout = float(_get(vlm_cfg, "timeout_s", 120.0) or 120.0)
+    info: Optional[ModelInfo] = bundle.model_info() if bundle is not None else None
+    if kind == "none":
+        raise ReportError("vlm.backend is 'none': report generation is disabled")
+    if kind == "openai":
+        from inference.vlm.openai_backend import OpenAIBackend
+
+        model = _get(vlm_cfg, "model")
+        if info is not None:
+            info = ModelInfo(**{**info.to_dict(), "vlm": f"openai:{model}", "adapter": model or ""})
+        return OpenAIBackend(
+            url=_get(vlm_cfg, "url"), model=model, api_key_env=_get(vlm_cfg, "api_key_env"),
+            max_new_tokens=max_new, max_images=max_images, timeout_s=timeout,
+            retries=int(_get(vlm_cfg, "retries", 3)), model_info=info,
+        )
+    if kind not in ("bundle", "transformers"):
+        raise ReportError(f"vlm.backend: unknown backend {kind!r}")
+    path = _get(vlm_cfg, "path") if kind == "transformers" else None
+    adapter = _get(vlm_cfg, "adapter") if kind == "transformers" else None
+    if path:
+        # An explicit local model: the report names that path (and adapter), not the bundle's VLM.
+        base = info.to_dict() if info else {"name": Path(str(path)).name, "version": "", "device_uid": ""}
+        info = ModelInfo(**{**base, "vlm": str(path), "adapter": str(adapter or "")})
+    else:
+        if bundle is None or bundle.vlm_path is None:
+            raise ReportError("no VLM: the bundle has no vlm section and vlm.path is not set")
+        path = bundle.vlm_path
+        adapter = adapter or bundle.adapter_path
+    from inference.vlm.transformers_backend import TransformersBackend
+
+    return TransformersBackend(path, adapter=adapter, device=_get(vlm_cfg, "device", "auto") or "auto",
+                               max_new_tokens=max_new, max_images=max_images, timeout_s=timeout,
+                               model_info=info, threads=_get(vlm_cfg, "threads"))

@@ -1,0 +1,228 @@
+"""The report backend interface, prompt templates (EN/JA) and parsing into sections.
+
+No torch here: this module is imported by the remote (OpenAI-compatible) backend
+on nodes that have no torch installed.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from abc import ABC, abstractmethod
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from inference.types import LANGUAGES, SIDES, ModelInfo, ReportText
+
+# Section headers the model is asked for (first one of each list) and those the parser accepts.
+HEADERS: dict[str, dict[str, list[str]]] = {
+    "en": {
+        "findings": ["Findings"],
+        "impression": ["Impression", "Diagnosis", "Conclusion"],
+        "recommendation": ["Recommendation", "Recommendations", "Treatment", "Plan"],
+    },
+    "ja": {
+        "findings": ["所見"],
+        "impression": ["診断", "印象", "結論"],
+        "recommendation": ["推奨", "治療方針", "推奨治療"],
+    },
+}
+
+_SIDE_NAMES = {"en": {"LCA": "LCA", "RCA": "RCA"}, "ja": {"LCA": "左冠動脈", "RCA": "右冠動脈"}}
+
+PROMPTS = {
+    "en": (
+        "Coronary angiography key frames ({layout}). Write the report in English with three "
+        "sections, one per line: Findings: ... Impression: ... Recommendation: ..."
+    ),
+    "ja": (
+        "冠動脈造影のキーフレーム（{layout}）。日本語で報告書を書いてください。"
+        "所見: … 診断: … 推奨: … の三項目を一行ずつ。"
+    ),
+}
+
+
+class ReportError(RuntimeError):
+    """The backend could not produce a report (server error after retries, bad model, ...)."""
+
+
+class ReportTimeout(ReportError, TimeoutError):
+    """Generation did not finish within the configured timeout."""
+
+
+def check_language(language: str) -> str:
+    if language not in LANGUAGES:
+        raise ValueError(f"language must be one of {LANGUAGES}, got {language!r}")
+    return language
+
+
+def build_prompt(language: str, sides: Optional[Sequence[str]] = None, n_images: Optional[int] = None) -> str:
+    """The instruction text for ``language``; ``sides`` names the side of each image, in order."""
+    check_language(language)
+    names = _SIDE_NAMES[language]
+    if sides:
+        counts: dict[str, int] = {}
+        for s in sides:
+            counts[s] = counts.get(s, 0) + 1
+        sep = ", " if language == "en" else "、"
+        layout = sep.join(f"{names.get(s, s)} x{n}" for s, n in counts.items())
+    else:
+        layout = f"{n_images or 0} images" if language == "en" else f"{n_images or 0}枚"
+    return PROMPTS[language].format(layout=layout)
+
+
+def format_report(sections: dict, language: str) -> str:
+    """The target text a model is trained to write (the inverse of ``parse_report``)."""
+    h = HEADERS[check_language(language)]
+    return "\n".join(f"{h[k][0]}: {str(sections.get(k, '')).strip()}"
+                     for k in ("findings", "impression", "recommendation"))
+
+
+def _header_regex(language: str) -> re.Pattern:
+    alts = []
+    for key, names in HEADERS[language].items():
+        for n in names:
+            alts.append((key, n))
+    # Longest names first so "Recommendations" wins over "Recommendation".
+    alts.sort(key=lambda kn: -len(kn[1]))
+    body = "|".join(f"(?P<{key}_{i}>{re.escape(n)})" for i, (key, n) in enumerate(alts))
+    return re.compile(rf"(?im)^[ \t*#\-]*(?:{body})[ \t*]*[:：]")
+
+
+_REGEX = {lang: _header_regex(lang) for lang in HEADERS}
+
+
+def parse_report(text: str, language: str) -> ReportText:
+    """Split ``text`` into findings / impression / recommendation.
+
+    Accepts either language's headers (a model may answer in the wrong one).  When the three
+    sections are not all present exactly once, non-empty, and starting the text, the whole text
+    is returned in ``findings`` with ``format_ok=False``.
+    """
+    check_language(language)
+    text = (text or "").strip()
+    hits: list[tuple[int, int, str]] = []
+    for lang in (language,) + tuple(l for l in HEADERS if l != language):
+        hits = []
+        for m in _REGEX[lang].finditer(text):
+            key = next(k for k, v in m.groupdict().items() if v is not None).rsplit("_", 1)[0]
+            hits.append((m.start(), m.end(), key))
+        if hits:
+            break
+    keys = [h[2] for h in hits]
+    if sorted(keys) != sorted(["findings", "impression", "recommendation"]) or (hits and hits[0][0] != 0):
+        return ReportText(findings=text, impression="", recommendation="", format_ok=False)
+    out: dict[str, str] = {}
+    for i, (start, end, key) in enumerate(hits):
+        stop = hits[i + 1][0] if i + 1 < len(hits) else len(text)
+        out[key] = text[end:stop].strip()
+    if not all(out.values()):  # an empty section: the model did not really follow the format
+        return ReportText(findings=text, impression="", recommendation="", format_ok=False)
+    return ReportText(findings=out["findings"], impression=out["impression"],
+                      recommendation=out["recommendation"], format_ok=True)
+
+
+def select_images(images_by_side: dict[str, Sequence[np.ndarray]], max_images: int
+                  ) -> tuple[list[np.ndarray], list[str]]:
+    """Choose up to ``max_images`` frames for one study, LCA first then RCA.
+
+    Frames of each side are taken best first; the budget is shared round-robin between the
+    sides present, so both are shown when both exist.  Training uses the same function.
+    """
+    order = [s for s in SIDES if images_by_side.get(s)] + \
+        [s for s in images_by_side if s not in SIDES and images_by_side.get(s)]
+    take = {s: 0 for s in order}
+    budget = max(1, int(max_images))
+    while budget > 0:
+        progressed = False
+        for s in order:
+            if budget > 0 and take[s] < len(images_by_side[s]):
+                take[s] += 1
+                budget -= 1
+                progressed = True
+        if not progressed:
+            break
+    images: list[np.ndarray] = []
+    sides: list[str] = []
+    for s in order:
+        for img in list(images_by_side[s])[: take[s]]:
+            images.append(img)
+            sides.append(s)
+    return images, sides
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    a = np.asarray(image, dtype=np.float32)
+    if a.ndim == 3 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim != 2:
+        raise ValueError(f"expected a 2-D frame, got shape {a.shape}")
+    a = np.nan_to_num(a, nan=0.0, posinf=1.0, neginf=0.0)
+    return (np.clip(a, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def to_pil(image: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray(to_uint8(image), mode="L").convert("RGB")
+
+
+def to_png(image: np.ndarray) -> bytes:
+    """PNG bytes of a frame: pixels only, no metadata (nothing that could carry PHI)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(to_uint8(image), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class ReportBackend(ABC):
+    """Images + language -> ReportText.  Implementations only need ``generate_text``."""
+
+    max_images: int = 4
+    model_info: ModelInfo
+
+    @abstractmethod
+    def generate_text(self, images: list[np.ndarray], prompt: str) -> str:
+        """The model's raw answer to ``prompt`` about ``images`` (deterministic)."""
+
+    def generate(self, images: list[np.ndarray], language: str = "en",
+                 sides: Optional[Sequence[str]] = None) -> ReportText:
+        check_language(language)
+        images = list(images)[: self.max_images]
+        if sides is not None:
+            sides = list(sides)[: len(images)]
+        prompt = build_prompt(language, sides, len(images))
+        return parse_report(self.generate_text(images, prompt), language)
+
+    def close(self) -> None:  # pragma: no cover - optional
+        pass
+
+
+def report_study(backend: ReportBackend, images_by_side, frames_for=None,
+                 languages: Iterable[str] = ("en", "ja")) -> dict[str, ReportText]:
+    """One report per language for one study.
+
+    ``images_by_side``: ``{"LCA": [frame, ...], "RCA": [...]}`` with key frames best first; or
+    a list of ``RunSelection`` together with ``frames_for(run, frame_number) -> frame``.
+    """
+    if not isinstance(images_by_side, dict):
+        runs = list(images_by_side)
+        if frames_for is None:
+            raise TypeError("report_study(runs, ...) needs frames_for(run, frame_number)")
+        by_side: dict[str, list[np.ndarray]] = {}
+        # Best key frame of every run first, then the second ones, ... (runs by confidence).
+        ranked = sorted((r for r in runs if r.ok), key=lambda r: -r.confidence)
+        depth = max((len(r.key_frames) for r in ranked), default=0)
+        for d in range(depth):
+            for r in ranked:
+                if d < len(r.key_frames):
+                    by_side.setdefault(r.laterality, []).append(frames_for(r, r.key_frames[d].frame_number))
+        images_by_side = by_side
+    if isinstance(languages, str):
+        languages = (languages,)
+    images, sides = select_images(images_by_side, backend.max_images)
+    if not images:
+        raise ReportError("no key frames to report on")
+    return {lang: backend.generate(images, lang, sides=sides) for lang in languages}
