@@ -1,0 +1,218 @@
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from inference.bundle import Preprocessing
+from inference.frames import FrameError, open_run, preprocess, read_frame, resize_square, shutter_mask
+
+REAL = {
+    # name: number of frames
+    "ballerina-sample2-XA.dcm": 17,  # JPEG baseline, odd-length fragments
+    "barre-XA-MONO2-8-12x-catheter.dcm": 12,  # JPEG lossless, invalid UIDs
+    "chafey-XA1_JPH-htj2k.dcm": 1,  # HTJ2K
+    "dbdicom-rubo0015-uncompressed.dcm": 1,
+    "oncodata-FluroWithDisplayShutter.dcm": 1,
+    "orthanc-KarstenHilbertRF.dcm": 1,  # Modality LUT Sequence
+    "pipedicom-RF1-j2kr.dcm": 1,
+    "wg04-XA1_J2KI.dcm": 1,
+    "wg04-XA1_J2KR.dcm": 1,
+    "wg04-XA1_JLSL.dcm": 1,  # JPEG-LS (pyjpegls)
+    "wg04-XA1_JLSN.dcm": 1,
+    "wg04-XA1_JPLL.dcm": 1,  # empty offset table, 8 fragments
+    "wg04-XA1_RLE.dcm": 1,
+    "wg04-XA1_UNC.dcm": 1,
+}
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_real_files_decode(real_xa_dir, name):
+    p = real_xa_dir / name
+    if not p.exists():
+        pytest.skip(f"{name} absent")
+    run = open_run(p)
+    assert run.n_frames == REAL[name]
+    n = 0
+    for f in run.iter_frames():
+        assert f.dtype == np.float32 and f.shape == (run.rows, run.columns)
+        assert np.isfinite(f).all() and f.min() >= 0.0 and f.max() <= 1.0
+        assert f.std() > 0.01  # an image, not a blank
+        n += 1
+    assert n == REAL[name]
+    x = preprocess(f, Preprocessing(input_size=64))
+    assert x.shape == (1, 64, 64) and x.dtype == np.float32
+
+
+def test_all_transfer_syntaxes_agree(real_xa_dir):
+    """The WG04 XA1 re-encodings decode to the same image (lossless ones exactly)."""
+    ref = next(open_run(real_xa_dir / "wg04-XA1_UNC.dcm").iter_frames())
+    for name in ["wg04-XA1_J2KR.dcm", "wg04-XA1_JLSL.dcm", "wg04-XA1_JPLL.dcm", "wg04-XA1_RLE.dcm",
+                 "chafey-XA1_JPH-htj2k.dcm"]:
+        f = next(open_run(real_xa_dir / name).iter_frames())
+        assert np.abs(f - ref).max() < 1e-6, name
+    for name in ["wg04-XA1_J2KI.dcm", "wg04-XA1_JLSN.dcm"]:
+        f = next(open_run(real_xa_dir / name).iter_frames())
+        assert np.abs(f - ref).mean() < 0.02, name
+
+
+def test_undecodable_run_is_a_clean_error(real_xa_dir):
+    run = open_run(real_xa_dir / "wg04-XA1_JPLY.dcm")  # the header is fine
+    with pytest.raises(FrameError, match="cannot decode frame 1"):
+        list(run.iter_frames())
+
+
+def test_not_dicom_and_no_pixels(tmp_path):
+    p = tmp_path / "x.dcm"
+    p.write_bytes(b"not dicom at all" * 10)
+    with pytest.raises(FrameError):
+        open_run(p)
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.33"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.33"
+    ds.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    with pytest.raises(FrameError, match="no pixel data"):
+        open_run(tmp_path / "sr.dcm")
+
+
+def test_voi_window_applied_real(real_xa_dir):
+    """oncodata: WC 640 / WW 588, linear window (PS3.3 C.11.2.1.2.1) inside the shutters."""
+    import pydicom
+
+    p = real_xa_dir / "oncodata-FluroWithDisplayShutter.dcm"
+    raw = pydicom.dcmread(p).pixel_array.astype(np.float64)
+    run = open_run(p)
+    f = next(run.iter_frames())
+    inside = run._mask > 0
+    assert f[~inside].max() == 0.0
+    mid = inside
+    expect = (raw[mid] - 639.5) / 587 + 0.5
+    assert np.abs(f[mid] - expect).max() < 1e-3
+
+
+def test_window_on_generated_run(toy_run):
+    p, _, frames = toy_run(window=(2000, 1000))
+    f = next(open_run(p).iter_frames())
+    raw = frames[0].astype(np.float64)
+    expect = np.clip((raw - 1999.5) / 999 + 0.5, 0, 1)
+    assert np.abs(f - expect).max() < 1e-4
+
+
+def test_minmax_fallback_without_window(toy_run):
+    p, _, frames = toy_run()
+    for f, raw in zip(open_run(p).iter_frames(), frames):
+        assert f.min() == 0.0 and f.max() == 1.0
+        r = raw.astype(np.float64)
+        assert np.abs(f - (r - r.min()) / (r.max() - r.min())).max() < 1e-5
+
+
+def test_monochrome1_inverted(toy_run):
+    p2, _, _ = toy_run(seed=5, window=(2000, 1500))
+    import shutil
+
+    p1 = p2.with_name("m1.dcm")
+    shutil.copy(p2, p1)
+    import pydicom
+
+    ds = pydicom.dcmread(p1)
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.save_as(p1)
+    for a, b in zip(open_run(p2).iter_frames(), open_run(p1).iter_frames()):
+        assert np.allclose(a + b, 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [8, 10, 12, 16])
+def test_bit_depths(tmp_path, bits):
+    from training.selector.toy import write_run
+
+    maxv = 2**bits - 1
+    frames = np.linspace(0, maxv, 3 * 16 * 16).reshape(3, 16, 16).round()
+    p = write_run(tmp_path / f"b{bits}.dcm", frames, bits=bits, window=(maxv / 2 + 0.5, maxv + 1))
+    out = list(open_run(p).iter_frames())
+    assert len(out) == 3
+    assert out[0][0, 0] == 0.0 and out[-1][-1, -1] == pytest.approx(1.0, abs=1e-3)
+    assert all(np.all(np.diff(o.ravel()) >= 0) for o in out)  # monotone mapping
+
+
+def test_shutter_masked_real(real_xa_dir):
+    run = open_run(real_xa_dir / "oncodata-FluroWithDisplayShutter.dcm")
+    f = next(run.iter_frames())
+    m = run._mask
+    assert m is not None and 0.2 < m.mean() < 0.95
+    assert f[m == 0].max() == 0.0
+    assert f[0, 0] == 0.0 and f[-1, -1] == 0.0
+    assert f[m > 0].mean() > 0.05
+
+
+def test_shutter_rectangular_circular_polygonal(toy_run):
+    rect = {"ShutterShape": "RECTANGULAR", "ShutterLeftVerticalEdge": 11, "ShutterRightVerticalEdge": 50,
+            "ShutterUpperHorizontalEdge": 5, "ShutterLowerHorizontalEdge": 60}
+    p, _, _ = toy_run(shutter=rect, window=(2000, 4000))
+    f = next(open_run(p).iter_frames())
+    assert f[:, :10].max() == 0 and f[:, 50:].max() == 0 and f[:4].max() == 0 and f[60:].max() == 0
+    assert f[4:60, 10:50].min() > 0
+    circ = {"ShutterShape": ["CIRCULAR"], "CenterOfCircularShutter": [32, 32], "RadiusOfCircularShutter": 10}
+    p, _, _ = toy_run(seed=2, shutter=circ, window=(2000, 4000))
+    f = next(open_run(p).iter_frames())
+    assert f[31, 31] > 0 and f[0, 0] == 0 and f[31, 50] == 0
+    poly = {"ShutterShape": "POLYGONAL", "VerticesOfThePolygonalShutter": [1, 1, 1, 64, 64, 1]}  # a triangle
+    p, _, _ = toy_run(seed=3, shutter=poly, window=(2000, 4000))
+    f = next(open_run(p).iter_frames())
+    assert f[2, 2] > 0 and f[60, 60] == 0
+
+
+def test_shutter_mask_ignores_malformed():
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.ShutterShape = "RECTANGULAR"  # edges missing
+    assert shutter_mask(ds, 8, 8) is None
+
+
+def test_streaming_memory_bounded(tmp_path):
+    """Peak Python/numpy memory while streaming a long run stays near one frame, not the run."""
+    from training.selector.toy import write_run
+
+    n, size = 240, 256
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 4095, (size, size), dtype=np.uint16)
+    frames = np.broadcast_to(frame, (n, size, size))
+    p = write_run(tmp_path / "long.dcm", frames)
+    run_bytes = n * size * size * 2  # 31 MB of pixel data
+    run = open_run(p)
+    tracemalloc.start()
+    k = 0
+    for disp, st in run.iter_frames_with_stats():
+        k += 1
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert k == n
+    assert peak < run_bytes / 8, f"peak {peak / 1e6:.1f} MB for a {run_bytes / 1e6:.0f} MB run"
+
+
+def test_read_frame_matches_stream(toy_run):
+    p, _, _ = toy_run(n=9)
+    frames = list(open_run(p).iter_frames())
+    assert np.array_equal(read_frame(p, 7), frames[6])
+    with pytest.raises(FrameError):
+        read_frame(p, 10)
+
+
+def test_preprocess_shapes_and_normalisation():
+    spec = Preprocessing(input_size=32, mean=0.5, std=0.25)
+    x = preprocess(np.full((100, 100), 0.5, np.float32), spec)
+    assert x.shape == (1, 32, 32) and np.allclose(x, 0.0)
+    x = preprocess(np.ones((40, 80), np.float32), spec)  # letterboxed: black bands top and bottom
+    assert x.shape == (1, 32, 32)
+    assert np.allclose(x[0, 0], -2.0) and np.allclose(x[0, 16], 2.0)
+    x3 = preprocess(np.ones((64, 64), np.float32), {"input_size": 16, "channels": 3, "mean": 0.0, "std": 1.0})
+    assert x3.shape == (3, 16, 16) and np.allclose(x3, 1.0)
+    with pytest.raises(ValueError):
+        resize_square(np.zeros((2, 3, 4)), 8)

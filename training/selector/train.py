@@ -1,0 +1,298 @@
+"""Selector training: timm ConvNeXt, AdamW, cross-entropy, strong augmentation, study-level split.
+
+``train(TrainConfig) -> summary dict``; checkpoints ``OUT/last.pt`` (every ``ckpt_every``
+steps and at the end) and ``OUT/best.pt`` (best validation score), resumable with
+``resume="auto"`` or a path.  Metrics (per-class F1, laterality F1, key-frame accuracy,
+confusion matrix) come from ``training.selector.evaluate``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from inference.types import CLASS_NAMES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    arch: str = "convnext_atto"
+    size: int = 128
+    channels: int = 1
+    mean: float = 0.5
+    std: float = 0.25
+    epochs: int = 10
+    steps: Optional[int] = None  # overrides epochs when set
+    batch: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    warmup_frac: float = 0.05
+    augment: str = "trivialaugment"  # trivialaugment | light | none
+    balance: bool = True  # class-balanced sampling
+    label_smoothing: float = 0.0
+    drop_path: float = 0.0
+    ls_init: Optional[float] = None  # ConvNeXt layer-scale init; None = timm default (1e-6)
+    val_frac: float = 0.2
+    seed: int = 0
+    threads: int = 2
+    eval_every: Optional[int] = None  # steps; default: once per epoch (and at the end)
+    ckpt_every: int = 200
+    min_gap: int = 5
+    resume: Optional[str] = None  # path or "auto"
+    cache: Optional[str] = None
+    progress: bool = True
+    max_train_frames: Optional[int] = None
+
+    def spec(self) -> dict:
+        return {"input_size": self.size, "channels": self.channels, "mean": self.mean, "std": self.std}
+
+
+def _seed_all(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Augment:
+    """Augmentation on normalised (B, C, S, S) tensors, per sample, in display space [0, 1]."""
+
+    def __init__(self, kind: str, mean: float, std: float):
+        from torchvision.transforms import v2
+
+        self.kind = kind
+        self.mean, self.std = mean, std
+        if kind == "trivialaugment":
+            self.t = v2.TrivialAugmentWide(interpolation=v2.InterpolationMode.BILINEAR)
+        elif kind == "light":
+            self.t = v2.Compose([
+                v2.RandomAffine(degrees=10, translate=(0.06, 0.06), scale=(0.9, 1.1)),
+                v2.ColorJitter(brightness=0.25, contrast=0.25),
+            ])
+        elif kind in ("none", ""):
+            self.t = None
+        else:
+            raise ValueError(f"unknown augmentation {kind!r} (trivialaugment | light | none)")
+
+    def __call__(self, x):
+        import torch
+
+        if self.t is None:
+            return x
+        x01 = (x * self.std + self.mean).clamp_(0, 1)
+        out = torch.stack([self.t(xi) for xi in x01])
+        if self.kind == "light":
+            out = out + torch.randn_like(out) * 0.02 * torch.rand(out.shape[0], 1, 1, 1)
+        return ((out.clamp(0, 1) - self.mean) / self.std).contiguous()
+
+
+def predict_torch(model, X: np.ndarray, batch: int = 64) -> np.ndarray:
+    """Softmax probabilities of a torch model over a (N, C, S, S) array."""
+    import torch
+
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(X), batch):
+            xb = torch.from_numpy(np.asarray(X[i:i + batch], dtype=np.float32))
+            out.append(torch.softmax(model(xb).float(), dim=1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(CLASS_NAMES)), np.float32)
+
+
+def _score(m: dict) -> float:
+    return m.get("laterality_f1", 0) + m.get("macro_f1", 0) + m.get("key_frame_accuracy", 0)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    import torch
+
+    return torch.load(str(path), map_location="cpu", weights_only=False)
+
+
+def model_from_checkpoint(ckpt: dict | str | Path):
+    from training.selector.model import create_model
+
+    if not isinstance(ckpt, dict):
+        ckpt = load_checkpoint(ckpt)
+    cfg = ckpt["config"]
+    model = create_model(cfg["arch"], channels=cfg.get("channels", 1))
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return model
+
+
+def train(cfg: TrainConfig) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from training.selector.data import build_frameset, split_frameset
+    from training.selector.evaluate import frameset_metrics
+    from training.selector.model import count_params, create_model
+
+    t_start = time.monotonic()
+    torch.set_num_threads(max(1, cfg.threads))
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _seed_all(cfg.seed)
+
+    fs = build_frameset(cfg.data, cfg.spec(), cache_dir=cfg.cache, progress=cfg.progress)
+    if len(fs) == 0:
+        raise RuntimeError(f"no frames in {cfg.data}: {fs.errors[:3]}")
+    tr, va = split_frameset(fs, val_frac=cfg.val_frac, seed=cfg.seed)
+    t_data = time.monotonic() - t_start
+    log.info("selector data: %d train frames (%d runs), %d val frames (%d runs), %.1fs",
+             len(tr), len(tr.records), len(va), len(va.records), t_data)
+
+    model = create_model(cfg.arch, channels=cfg.channels, drop_path_rate=cfg.drop_path, ls_init_value=cfg.ls_init)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(tr) / cfg.batch))
+    total = int(cfg.steps) if cfg.steps else steps_per_epoch * max(1, cfg.epochs)
+    warm = max(1, int(total * cfg.warmup_frac))
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return cfg.lr * (step + 1) / warm
+        p = (step - warm) / max(1, total - warm)
+        return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+    step = 0
+    best = -1.0
+    history: list[dict] = []
+    resume = cfg.resume
+    if resume == "auto":
+        resume = str(out / "last.pt") if (out / "last.pt").is_file() else None
+    if resume:
+        ck = load_checkpoint(resume)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        step = int(ck["step"])
+        best = float(ck.get("best", -1.0))
+        history = list(ck.get("history", []))
+        if ck.get("rng"):
+            torch.set_rng_state(ck["rng"]["torch"])
+            np.random.set_state(ck["rng"]["numpy"])
+            random.setstate(ck["rng"]["python"])
+        log.info("resumed from %s at step %d/%d", resume, step, total)
+
+    # class-balanced sampling weights (sqrt-inverse frequency: tempers rare classes' oversampling)
+    counts = np.bincount(tr.y, minlength=len(CLASS_NAMES)).astype(np.float64)
+    if cfg.balance:
+        w = 1.0 / np.sqrt(np.maximum(counts, 1))[tr.y]
+    else:
+        w = np.ones(len(tr.y))
+    w = w / w.sum()
+    aug = Augment(cfg.augment, cfg.mean, cfg.std)
+    eval_every = cfg.eval_every or steps_per_epoch
+    rng = np.random.default_rng(cfg.seed + step)  # a resumed run continues with a fresh stream
+
+    def evaluate() -> dict:
+        if len(va) == 0:
+            return {}
+        probs = predict_torch(model, va.X)
+        model.train()
+        return frameset_metrics(va, probs, min_gap=cfg.min_gap)
+
+    def save(path: Path, metrics: Optional[dict] = None) -> None:
+        ck = {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "total_steps": total,
+            "best": best,
+            "history": history,
+            "config": asdict(cfg),
+            "spec": cfg.spec(),
+            "classes": list(CLASS_NAMES),
+            "metrics": metrics or (history[-1]["metrics"] if history else {}),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "data": {"train_runs": len(tr.records), "val_runs": len(va.records), "train_frames": len(tr),
+                     "val_frames": len(va), "class_counts": counts.astype(int).tolist()},
+        }
+        tmp = path.with_suffix(".tmp")
+        torch.save(ck, str(tmp))
+        os.replace(tmp, path)
+
+    model.train()
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=step, desc=f"train {cfg.arch}", unit="step", file=sys.stderr)
+    t_train = time.monotonic()
+    loss_ema = None
+    first_step = step
+    while step < total:
+        idx = rng.choice(len(tr.y), size=min(cfg.batch, len(tr.y)), replace=True, p=w)
+        xb = torch.from_numpy(np.asarray(tr.X[np.sort(idx)], dtype=np.float32))
+        yb = torch.from_numpy(tr.y[np.sort(idx)])
+        xb = aug(xb)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        logits = model(xb)
+        loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        lv = float(loss.detach())
+        loss_ema = lv if loss_ema is None else 0.9 * loss_ema + 0.1 * lv
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_ema:.3f}", lr=f"{lr_at(step - 1):.1e}")
+        if step % eval_every == 0 or step == total:
+            m = evaluate()
+            history.append({"step": step, "loss": round(loss_ema, 4), "metrics": m})
+            sc = _score(m)
+            if m:
+                log.info("step %d loss %.3f val laterality F1 %.3f macro F1 %.3f key-frame acc %.3f", step,
+                         loss_ema, m["laterality_f1"], m["macro_f1"], m["key_frame_accuracy"])
+            if sc > best:
+                best = sc
+                save(out / "best.pt", m)
+        if step % cfg.ckpt_every == 0 and step != total:
+            save(out / "last.pt")
+    if bar is not None:
+        bar.close()
+    t_loop = time.monotonic() - t_train
+    final = history[-1]["metrics"] if history else {}
+    save(out / "last.pt", final)
+    if not (out / "best.pt").exists():
+        save(out / "best.pt", final)
+    summary = {
+        "arch": cfg.arch,
+        "params": count_params(model),
+        "size": cfg.size,
+        "steps": step,
+        "batch": cfg.batch,
+        "lr": cfg.lr,
+        "augment": cfg.augment,
+        "seed": cfg.seed,
+        "train_runs": len(tr.records),
+        "val_runs": len(va.records),
+        "train_frames": len(tr),
+        "val_frames": len(va),
+        "seconds": {"data": round(t_data, 1), "train": round(t_loop, 1),
+                    "per_step": round(t_loop / max(1, step - first_step), 3),
+                    "total": round(time.monotonic() - t_start, 1)},
+        "val_metrics": final,
+        "best_checkpoint": str(out / "best.pt"),
+        "last_checkpoint": str(out / "last.pt"),
+        "data_errors": fs.errors,
+    }
+    (out / "train-summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
