@@ -9,6 +9,12 @@ Why it looks the way it does:
   writes File Meta + the raw bytes durably (``Spool.store``), journals the
   instance, and only then answers 0x0000.  A crash before the answer means the
   peer retries; a crash after it loses nothing.
+* The data set is never held in memory: pynetdicom's chunked reception
+  (``STORE_RECV_CHUNKED_DATASET``) appends each P-DATA fragment to
+  ``<spool>/.tmp/rx-*.dcm`` (``RxFile``, already headed by our File Meta), the
+  handler walks it through a read-only memory map, and ``Spool.adopt`` fsyncs
+  and renames it into place.  Memory per association no longer grows with the
+  instance size.
 * Every storage SOP class pynetdicom knows (plus a few common private ones) is
   a *supported* context, with every transfer syntax we can store as received.
   Supported contexts are not limited to 128; only a requestor's proposal is.
@@ -30,9 +36,13 @@ import errno
 import hashlib
 import ipaddress
 import logging
+import mmap
+import os
 import ssl
 import struct
+import threading
 import time
+import uuid
 import zlib
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -45,7 +55,7 @@ from pynetdicom.sop_class import Verification, _STORAGE_CLASSES
 from dicom_node.config import Config
 from dicom_node.journal import Journal, RecordResult
 from dicom_node.metrics import NodeMetrics
-from dicom_node.spool import FileMeta, Spool, SpoolFull, uid_is_path_safe, uid_is_valid
+from dicom_node.spool import FileMeta, Spool, SpoolFull, _write_all, uid_is_path_safe, uid_is_valid
 
 log = logging.getLogger(__name__)
 
@@ -333,6 +343,163 @@ def install_fast_recv() -> None:
 
 
 # ---------------------------------------------------------------------------
+# Streaming reception
+# ---------------------------------------------------------------------------
+RX_PREFIX = "rx-"
+
+
+class RxFile:
+    """Where pynetdicom streams an incoming C-STORE data set (``STORE_RECV_CHUNKED_DATASET``).
+
+    Stands in for the ``NamedTemporaryFile`` pynetdicom would create in the
+    system temp directory: the file is ``<spool>/.tmp/rx-*.dcm`` (same
+    filesystem as the spool, so accepting it is an fsync and a rename), its
+    File Meta group is the node's own (``FileMeta``, built from the request's
+    UIDs and the calling AE, so in the usual case the file is already what the
+    spool stores), and the P-DATA fragments are appended as they arrive: memory
+    no longer grows with the instance size.  A write error (disk full) is
+    remembered rather than raised in pynetdicom's DUL thread (which would abort
+    the association) and the partial file is removed at once; the handler then
+    answers 0xA700.  When the spool is already below ``storage.min_free_mb``
+    at the start of a data set, nothing is written at all.
+    """
+
+    def __init__(self, spool: Spool, calling_aet: str):
+        self.path = spool.tmp / f"{RX_PREFIX}{uuid.uuid4().hex}.dcm"
+        self.name = str(self.path)
+        self.file = self  # pynetdicom calls ``.file.flush()`` after each fragment
+        self.calling_aet = calling_aet
+        self.head: Optional[bytes] = None  # preamble + File Meta as written
+        self.error: Optional[OSError] = None
+        self.refused: Optional[str] = None
+        self.claimed = False  # a C-STORE handler took it (pynetdicom then unlinks it)
+        self._f = None
+        if not spool.has_space():
+            self.refused = f"free space below storage.min_free_mb={spool.min_free_mb}"
+            return
+        try:
+            self._f = open(self.path, "xb", buffering=0)
+        except OSError as exc:
+            self.error = exc
+
+    def write(self, data) -> int:
+        n = len(data)
+        if self._f is not None:
+            try:
+                _write_all(self._f, memoryview(data))
+            except OSError as exc:
+                self.error = exc
+                self.discard()
+        return n
+
+    def write_head(self, head: bytes) -> None:
+        """pynetdicom has written the 128-byte preamble and ``DICM``; add the File Meta group."""
+        self.head = head
+        self.write(head[len(b"\x00" * 128 + b"DICM"):])
+
+    def flush(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        if self._f is None:
+            raise ValueError("no file")
+        return self._f.fileno()
+
+    def close(self) -> None:
+        f, self._f = self._f, None
+        if f is not None:
+            f.close()
+
+    def discard(self) -> None:
+        """Close and remove (nothing was acknowledged from it)."""
+        self.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+_pnd_orig: dict = {}
+
+
+def _rx_target():
+    """(StorageSCP, Association) when the running thread is the DUL thread of one of our associations."""
+    assoc = getattr(threading.current_thread(), "assoc", None)  # pynetdicom's DULServiceProvider
+    scp = getattr(getattr(assoc, "ae", None), "_cag_scp", None)
+    return (scp, assoc) if scp is not None else (None, None)
+
+
+def _rx_named_temporary_file(*args, **kwargs):
+    scp, assoc = _rx_target()
+    if scp is None:  # another in-process SCP (a test's or the demo PACS): pynetdicom's default
+        return _pnd_orig["NamedTemporaryFile"](*args, **kwargs)
+    rx = RxFile(scp.spool, assoc.requestor.ae_title)
+    pending = assoc.__dict__.setdefault("_cag_rx", set())
+    pending.add(rx)
+    return rx
+
+
+def _rx_create_file_meta(**kwargs):
+    if _rx_target()[0] is None:
+        return _pnd_orig["create_file_meta"](**kwargs)
+    return dict(kwargs)  # consumed by _rx_write_file_meta_info (never decoded/validated by pydicom)
+
+
+def _rx_write_file_meta_info(fp, file_meta, *args, **kwargs):
+    if not isinstance(fp, RxFile) or not isinstance(file_meta, dict):
+        return _pnd_orig["write_file_meta_info"](fp, file_meta, *args, **kwargs)
+    meta = FileMeta(sop_class_uid=str(file_meta.get("sop_class_uid") or ""),
+                    sop_instance_uid=str(file_meta.get("sop_instance_uid") or ""),
+                    transfer_syntax=str(file_meta.get("transfer_syntax") or ""),
+                    implementation_class_uid=PYNETDICOM_IMPLEMENTATION_UID,
+                    implementation_version=PYNETDICOM_IMPLEMENTATION_VERSION, source_aet=fp.calling_aet)
+    fp.write_head(meta.encode())
+
+
+def install_streaming_reception() -> bool:
+    """Turn on pynetdicom's chunked C-STORE reception, with its files in our spools.
+
+    ``STORE_RECV_CHUNKED_DATASET`` is process-wide: other in-process SCPs then
+    get ``event.dataset`` decoded from a temp file in the system temp dir
+    (pynetdicom's own behaviour).  Only pinned pynetdicom 3.0.x is patched;
+    otherwise reception stays in memory (the handler supports both).
+    """
+    import pynetdicom
+    from pynetdicom import dimse_messages as dm
+
+    if not pynetdicom.__version__.startswith("3.0."):
+        return False
+    if not all(hasattr(dm, n) for n in ("NamedTemporaryFile", "create_file_meta", "write_file_meta_info")):
+        return False  # pragma: no cover
+    if dm.NamedTemporaryFile is not _rx_named_temporary_file:
+        _pnd_orig.update(NamedTemporaryFile=dm.NamedTemporaryFile, create_file_meta=dm.create_file_meta,
+                         write_file_meta_info=dm.write_file_meta_info)
+        dm.NamedTemporaryFile = _rx_named_temporary_file
+        dm.create_file_meta = _rx_create_file_meta
+        dm.write_file_meta_info = _rx_write_file_meta_info
+    pnd_config.STORE_RECV_CHUNKED_DATASET = True
+    return True
+
+
+def _discard_unclaimed(assoc) -> None:
+    """Remove data sets that were being received when the association ended (never acknowledged)."""
+    pending = assoc.__dict__.get("_cag_rx")
+    if not pending:
+        return
+    for rx in list(pending):
+        if not rx.claimed:
+            rx.discard()
+            pending.discard(rx)
+
+
+def _map_dataset(rx: RxFile) -> tuple[mmap.mmap, memoryview]:
+    """The received data set (after the head) as a read-only memory map: parsed without being read."""
+    with open(rx.path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    return mm, memoryview(mm)[len(rx.head):]
+
+
+# ---------------------------------------------------------------------------
 # TLS
 # ---------------------------------------------------------------------------
 def build_ssl_context(config: Config) -> Optional[ssl.SSLContext]:
@@ -391,6 +558,7 @@ class StorageSCP:
         self.modalities = [m.upper() for m in config.processing.modalities]
         self._networks = [ipaddress.ip_network(h, strict=False) for h in config.node.allowed_hosts]
         install_fast_recv()
+        self.streaming = install_streaming_reception()
         self.ae = self._build_ae()
         self.server = None
         self._address: tuple[str, int] = (config.node.host, config.node.port)
@@ -398,6 +566,7 @@ class StorageSCP:
     def _build_ae(self) -> AE:
         n = self.config.node
         ae = AE(ae_title=n.ae_title)
+        ae._cag_scp = self  # received data sets stream into this SCP's spool (RxFile)
         ae.maximum_pdu_size = n.max_pdu
         ae.acse_timeout = n.acse_timeout
         ae.dimse_timeout = n.dimse_timeout
@@ -421,6 +590,7 @@ class StorageSCP:
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
         ctx = build_ssl_context(self.config)
         self.server = self.ae.start_server((n.host, n.port), block=False, evt_handlers=handlers,
@@ -485,8 +655,12 @@ class StorageSCP:
                  a.requestor.ae_title)
         self.metrics.association(True)
 
+    def _on_conn_close(self, event) -> None:
+        _discard_unclaimed(event.assoc)
+
     def _on_closed(self, event) -> None:
         a = event.assoc
+        _discard_unclaimed(a)
         stats = getattr(a, "_cag_stats", None)
         if stats is None:
             return
@@ -516,8 +690,29 @@ class StorageSCP:
         ts = str(event.context.transfer_syntax)
         rq_class = str(req.AffectedSOPClassUID or "")
         rq_inst = str(req.AffectedSOPInstanceUID or "")
-        raw = req.DataSet
-        buf = raw.getbuffer()
+        rx = getattr(req, "_dataset_file", None)
+        mm = None
+        if isinstance(rx, RxFile):  # streamed to <spool>/.tmp as it arrived
+            rx.claimed = True
+            pending = event.assoc.__dict__.get("_cag_rx")
+            if pending is not None:
+                pending.discard(rx)
+            if rx.refused:
+                return self._refuse(ST_OUT_OF_RESOURCES, rx.refused, calling, rq_class, rq_inst)
+            if rx.error is not None or rx.head is None:
+                exc = rx.error
+                status = (ST_OUT_OF_RESOURCES if exc is not None and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                          else ST_INTERNAL)
+                rx.discard()
+                return self._refuse(status, f"write failed: {exc}", calling, rq_class, rq_inst)
+            try:
+                mm, buf = _map_dataset(rx)
+            except (OSError, ValueError) as exc:
+                rx.discard()
+                return self._refuse(ST_INTERNAL, f"received file unreadable: {exc}", calling, rq_class, rq_inst)
+        else:
+            rx = None
+            buf = req.DataSet.getbuffer()
         try:
             try:
                 hdr = parse_header(buf, ts)
@@ -542,7 +737,10 @@ class StorageSCP:
                             implementation_class_uid=PYNETDICOM_IMPLEMENTATION_UID,
                             implementation_version=PYNETDICOM_IMPLEMENTATION_VERSION, source_aet=calling)
             try:
-                stored = self.spool.store(study, series, inst, meta, buf)
+                if rx is not None:
+                    stored = self.spool.adopt(study, series, inst, meta, rx.path, rx.head)
+                else:
+                    stored = self.spool.store(study, series, inst, meta, buf)
             except SpoolFull as exc:
                 return self._refuse(ST_OUT_OF_RESOURCES, str(exc), calling, sop_class, inst)
             except OSError as exc:
@@ -565,6 +763,11 @@ class StorageSCP:
                                 rq_class, rq_inst)
         finally:
             buf.release()
+            if mm is not None:
+                try:
+                    mm.close()
+                except BufferError:  # a view still held (e.g. by a traceback): closed when collected
+                    pass
         self.metrics.stored(stored.size, ok)
         self.metrics.store_seconds.observe(time.perf_counter() - t0)
         stats = getattr(event.assoc, "_cag_stats", None)

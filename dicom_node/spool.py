@@ -13,6 +13,8 @@ received bytes are already deflated, which is what a Part 10 file holds).
 Write order: temp file -> fsync -> rename over the final name (an
 idempotent re-send replaces the old file atomically) -> fsync the directory.
 Only after that does the caller journal the instance and answer success.
+A data set the listener streamed into ``.tmp`` as it arrived (``Spool.adopt``)
+follows the same order, without a second copy when its head is already right.
 
 UIDs from the network are untrusted: a UID is only used as a path component if
 it is safe for one (``uid_is_path_safe``).  Real-world UIDs that break the
@@ -22,6 +24,7 @@ tolerated.
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
@@ -188,6 +191,60 @@ class Spool:
                 body.release()
         return StoredFile(final, size)
 
+    def adopt(self, study_uid: str, series_uid: str, sop_instance_uid: str, file_meta: "FileMeta",
+              src: Path, written_head: bytes) -> StoredFile:
+        """Make a file already streamed into ``.tmp`` a spooled instance, durably.
+
+        ``src`` holds ``written_head`` (preamble + a File Meta group) followed by
+        the data set bytes as received.  When that head is the one ``file_meta``
+        encodes (the usual case) the file is fsynced and renamed into place;
+        otherwise the data set bytes are copied (in the kernel) after the right
+        head into a new temp file.  ``src`` is never removed here: its owner
+        (pynetdicom) unlinks it, which is a no-op once it was renamed.
+        Raises like ``store``.
+        """
+        final = self.path_for(study_uid, series_uid, sop_instance_uid)
+        if not self.has_space():
+            raise SpoolFull(f"free space below storage.min_free_mb={self.min_free_mb}")
+        head = file_meta.encode()
+        src = Path(src)
+        total = os.stat(src).st_size
+        if head == written_head:
+            if self.fsync:
+                fd = os.open(src, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            new_dirs = self._makedirs(final.parent)
+            os.replace(src, final)
+            self._fsync_dirs(final, new_dirs)
+            return StoredFile(final, total)
+        body = total - len(written_head)
+        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+        try:
+            with open(tmp, "wb", buffering=0) as f, open(src, "rb", buffering=0) as s:
+                _write_all(f, memoryview(head))
+                _copy_range(s, f, len(written_head), body)
+                if self.fsync:
+                    os.fsync(f.fileno())
+            new_dirs = self._makedirs(final.parent)
+            os.replace(tmp, final)
+            self._fsync_dirs(final, new_dirs)
+        except BaseException:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            raise
+        return StoredFile(final, len(head) + body)
+
+    def _fsync_dirs(self, final: Path, new_dirs: list[Path]) -> None:
+        if self.fsync:
+            _fsync_dir(final.parent)
+            for d in new_dirs:
+                _fsync_dir(d.parent)
+
     def _makedirs(self, d: Path) -> list[Path]:
         """mkdir -p, returning the directories created (outermost first)."""
         created: list[Path] = []
@@ -212,6 +269,30 @@ def _write_all(f, data: memoryview) -> None:
             view = view[n:]
     finally:
         view.release()
+
+
+def _copy_range(src, dst, offset: int, count: int) -> None:
+    """Copy ``count`` bytes of ``src`` from ``offset`` to ``dst``'s position, without a user-space buffer
+    where the kernel can (``copy_file_range``), else 1 MiB at a time."""
+    done = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while done < count:
+                n = os.copy_file_range(src.fileno(), dst.fileno(), count - done, offset + done)
+                if n == 0:
+                    break
+                done += n
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP) or done:
+                raise
+    if done < count:
+        src.seek(offset + done)
+        while done < count:
+            chunk = src.read(min(1 << 20, count - done))
+            if not chunk:
+                raise OSError(errno.EIO, f"source ended {count - done} bytes early")
+            _write_all(dst, memoryview(chunk))
+            done += len(chunk)
 
 
 def _fsync_dir(d: Path) -> None:

@@ -223,6 +223,66 @@ def test_resend_is_idempotent(node, tmp_path):
     assert dataset_bytes(Path(second.path)) == dataset_bytes(f)
 
 
+def test_streamed_reception_uid_mismatch_and_dropped_connection(node, tmp_path):
+    """Data sets stream into spool/.tmp as they arrive.  A request naming another instance than its
+    data set is stored under the data set's UID with a matching File Meta (bytes as received); a
+    connection dropped in the middle of a data set leaves no file behind and the node keeps going."""
+    import io
+    import socket
+    import time
+
+    from pynetdicom import AE
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.pdu import P_DATA_TF
+
+    tmpd = node.tmp / "spool" / ".tmp"
+    ds = make_dataset()
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.10.999.1"  # becomes the request's UID
+    f = write_dataset(ds, tmp_path / "mismatch.dcm")
+    assert pyscu_send(node.port, [f]) == [0]
+    rec = node.journal.get_instance(ds.SOPInstanceUID)
+    assert rec is not None and node.journal.get_instance("1.2.826.0.1.3680043.10.999.1") is None
+    stored = pydicom.dcmread(rec.path)
+    assert stored.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert stored.file_meta.SourceApplicationEntityTitle == "PYSCU"
+    assert dataset_bytes(Path(rec.path)) == dataset_bytes(f) and rec.size == Path(rec.path).stat().st_size
+    assert not list(tmpd.iterdir())
+
+    big = make_dataset(frames=64, size=512)
+    fb = write_dataset(big, tmp_path / "big.dcm")
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(big.SOPClassUID, str(big.file_meta.TransferSyntaxUID))
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="CAGNODE")
+    assert assoc.is_established
+    req = C_STORE()
+    req.MessageID, req.Priority = 1, 2
+    req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = big.SOPClassUID, big.SOPInstanceUID
+    req.DataSet = io.BytesIO(dataset_bytes(fb))
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    sock = assoc.dul.socket.socket
+    for i, prim in enumerate(msg.encode_msg(assoc.accepted_contexts[0].context_id, 16384)):
+        pdu = P_DATA_TF()
+        pdu.from_primitive(prim)
+        sock.sendall(pdu.encode())
+        if i == 50:  # command + ~800 KB of a 16 MiB data set, then the connection drops
+            break
+    sock.shutdown(socket.SHUT_RDWR)
+    try:
+        assoc.abort()
+    except Exception:
+        pass
+    deadline = time.monotonic() + 10
+    while list(tmpd.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not list(tmpd.iterdir()), list(tmpd.iterdir())
+    assert node.journal.get_instance(big.SOPInstanceUID) is None
+    small = make_dataset()
+    assert pyscu_send(node.port, [write_dataset(small, tmp_path / "after.dcm")]) == [0]
+
+
 def test_metrics_and_health(node):
     import urllib.request
 

@@ -87,3 +87,27 @@ def test_store_atomic_and_clean(tmp_path):
     with pytest.raises(SpoolFull):
         full.store("1.2", "1.2.3", "1.2.3.5", meta, raw)
     assert not list(sp.tmp.iterdir())
+
+
+def test_adopt_renames_or_rewrites_the_head(tmp_path):
+    """A data set streamed into .tmp (RxFile): renamed in place when its head is right, else re-headed."""
+    sp = Spool(tmp_path / "s", fsync=True)
+    raw = encode(make_dataset(sop_uid="1.2.3.4"))
+    meta = FileMeta("1.2.840.10008.5.1.4.1.1.12.1", "1.2.3.4", EXPLICIT_LE, "1.2.3", "X", "MOD")
+    src = sp.tmp / "rx-a.dcm"
+    src.write_bytes(meta.encode() + raw)
+    out = sp.adopt("1.2", "1.2.3", "1.2.3.4", meta, src, meta.encode())
+    assert not src.exists() and out.path.read_bytes() == meta.encode() + raw
+    assert out.size == out.path.stat().st_size
+    # the request named another instance than the data set: the head is rewritten, bytes kept
+    other = FileMeta("1.2.840.10008.5.1.4.1.1.12.1", "9.9.9.9.9.9.9", EXPLICIT_LE, "1.2.3", "X", "MOD")
+    src2 = sp.tmp / "rx-b.dcm"
+    src2.write_bytes(other.encode() + raw)
+    out = sp.adopt("1.2", "1.2.3", "1.2.3.4", meta, src2, other.encode())
+    assert out.path.read_bytes() == meta.encode() + raw and out.size == out.path.stat().st_size
+    assert pydicom.dcmread(out.path).file_meta.MediaStorageSOPInstanceUID == "1.2.3.4"
+    assert src2.exists()  # left to its owner (pynetdicom unlinks it)
+    src2.unlink()
+    assert not list(sp.tmp.iterdir())
+    with pytest.raises(SpoolFull):
+        Spool(tmp_path / "s", min_free_mb=10**12).adopt("1.2", "1.2.3", "1.2.3.4", meta, src, meta.encode())
