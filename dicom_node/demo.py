@@ -154,6 +154,7 @@ def _sr_text(path: Path) -> dict[str, dict[str, str]]:
 def run_demo(cfg: Config, bundle_dir: Path, out_dir: Path, prepare_only: bool = False,
              use_orthanc: bool = False, quick: bool = False, timeout_s: float = 600) -> int:
     from dicom_node.config import parse_config
+    from dicom_node.logging_setup import setup_logging
     from dicom_node.node import Node
 
     ensure_bundle(bundle_dir, quick=quick)
@@ -196,6 +197,7 @@ def run_demo(cfg: Config, bundle_dir: Path, out_dir: Path, prepare_only: bool = 
         data["destinations"] = [{"name": "demo-pacs", "ae_title": DEMO_PACS_AET, "host": "127.0.0.1",
                                  "port": pacs_port}]
     node_cfg = parse_config(data, base_dir=cfg.base_dir, source="(demo)")
+    setup_logging(node_cfg)
 
     study_files = make_study(out_dir / "study", quick=quick)
     study_uid = str(pydicom.dcmread(study_files[0], stop_before_pixels=True).StudyInstanceUID)

@@ -27,7 +27,7 @@ def setup_logging(config: Config, verbose: bool = False) -> None:
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
     logging.basicConfig(level=level, format=FORMAT, handlers=handlers, force=True)
     noisy = logging.DEBUG if level == logging.DEBUG else logging.WARNING
-    for name in ("pynetdicom", "apscheduler"):
+    for name in ("pynetdicom", "apscheduler", "highdicom"):
         logging.getLogger(name).setLevel(noisy)
     # A poll job still running when its next tick comes is skipped by design
     # (max_instances=1); apscheduler reports each skip as a WARNING.
