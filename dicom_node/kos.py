@@ -24,17 +24,15 @@ from highdicom.sr import CodedConcept, ImageContentItem, RelationshipTypeValues
 from pydicom.dataset import Dataset
 
 from dicom_node.sr import (
-    CHARSET,
+    document_identity,
     DEMO_STATEMENT,
     MANUFACTURER,
     EncodingError,
     _ensure_uid,
     _finish,
-    contributing_equipment,
     device_observer_context,
     key_frame_references,
     prepare_evidence,
-    software_versions,
 )
 from inference.types import StudyResult
 
@@ -129,15 +127,7 @@ def build_kos(
         instance_number=instance_number,
         manufacturer=MANUFACTURER,
         institution_name=institution_name,
-        contributing_equipment=[contributing_equipment(model)],
-        specific_character_set=CHARSET,
-        series_description="AI key frames (not verified)",
-        manufacturer_model_name=f"{model.name} {model.version}".strip()[:64],
-        software_versions=software_versions(model),
-        content_date=now.date(),
-        content_time=now.time(),
-        series_date=now.date(),
-        series_time=now.time(),
+        **document_identity(model, now, "AI key frames (not verified)"),
     )
     return _finish(kos)
 

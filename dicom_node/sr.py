@@ -517,10 +517,18 @@ def build_sr(
         is_verified=False,
         institution_name=institution_name,
         previous_versions=previous,
+        coding_schemes=CODING_SCHEMES,
+        **document_identity(model, now, "AI draft report (not verified)"),
+    )
+    return _finish(sr)
+
+
+def document_identity(model: ModelInfo, now: datetime.datetime, series_description: str) -> dict:
+    """Keyword arguments shared by our SR and KOS: who made it (IHE AIR), when, the charset."""
+    return dict(
         contributing_equipment=[contributing_equipment(model)],
         specific_character_set=CHARSET,
-        coding_schemes=CODING_SCHEMES,
-        series_description="AI draft report (not verified)",
+        series_description=series_description,
         manufacturer_model_name=f"{model.name} {model.version}".strip()[:64],
         software_versions=software_versions(model),
         content_date=now.date(),
@@ -528,7 +536,6 @@ def build_sr(
         series_date=now.date(),
         series_time=now.time(),
     )
-    return _finish(sr)
 
 
 def _finish(ds: Dataset) -> Dataset:

@@ -39,7 +39,6 @@ def run(args) -> int:
     from pathlib import Path
 
     from dicom_node.config import load_config
-    from inference.bundle import Bundle, BundleError
     from inference.types import LANGUAGES, RunSelection
 
     cfg = load_config(args.config)
@@ -52,14 +51,10 @@ def run(args) -> int:
             raise UsageError(f"--languages: unknown language(s) {bad}; choose from {list(LANGUAGES)}")
     else:
         langs = list(cfg.processing.languages)
-    bundle_dir = Path(args.bundle) if args.bundle else cfg.bundle_dir
-    try:
-        bundle = Bundle.load(bundle_dir)
-    except BundleError as exc:
-        print(f"cag-node report: {exc}", file=sys.stderr)
-        return 1
-    if bundle.manifest.selector is None:
-        print(f"cag-node report: bundle {bundle_dir} has no selector", file=sys.stderr)
+    from dicom_node.commands import load_selector_bundle
+
+    bundle = load_selector_bundle(args, cfg, "report")
+    if bundle is None:
         return 1
     from inference.selector import Selector, SelectorError
 

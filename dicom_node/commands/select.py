@@ -28,18 +28,13 @@ def run(args) -> int:
     from pathlib import Path
 
     from dicom_node.config import load_config
-    from inference.bundle import Bundle, BundleError
 
     cfg = load_config(args.config)
     sc = cfg.selector
-    bundle_dir = Path(args.bundle) if args.bundle else cfg.bundle_dir
-    try:
-        bundle = Bundle.load(bundle_dir)
-    except BundleError as exc:
-        print(f"cag-node select: {exc}", file=sys.stderr)
-        return 1
-    if bundle.manifest.selector is None:
-        print(f"cag-node select: bundle {bundle_dir} has no selector", file=sys.stderr)
+    from dicom_node.commands import load_selector_bundle
+
+    bundle = load_selector_bundle(args, cfg, "select")
+    if bundle is None:
         return 1
     from inference.selector import Selector, SelectorError
 
