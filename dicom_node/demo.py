@@ -151,6 +151,19 @@ def _sr_text(path: Path) -> dict[str, dict[str, str]]:
     return out
 
 
+def _print_reference(studies_jsonl: Path) -> None:
+    """The synthetic study's ground truth, to compare the draft with."""
+    try:
+        rec = json.loads(studies_jsonl.read_text(encoding="utf-8").splitlines()[0])
+        ref = rec["report"]["en"]
+    except (OSError, ValueError, KeyError, IndexError):
+        return
+    print("\n[reference: the synthetic study's ground truth, en]")
+    for name in ("findings", "impression", "recommendation"):
+        if ref.get(name):
+            print(f"  {name}: {ref[name]}")
+
+
 def run_demo(cfg: Config, bundle_dir: Path, out_dir: Path, prepare_only: bool = False,
              use_orthanc: bool = False, quick: bool = False, timeout_s: float = 600) -> int:
     from dicom_node.config import parse_config
@@ -260,6 +273,7 @@ def run_demo(cfg: Config, bundle_dir: Path, out_dir: Path, prepare_only: bool = 
         print(f"\n[{lang}]")
         for name, text in sections.items():
             print(f"  {name}: {text}")
+    _print_reference(out_dir / "study" / "studies.jsonl")
     print(f"\n== SR  -> {where}: {', '.join(p.name for p in srs)}")
     print(f"== KOS -> {where}: {', '.join(p.name for p in kos) or '(none)'}")
     html = out_dir / "report.html"
