@@ -122,20 +122,11 @@ def _vlm(node):
 
 # ---------------------------------------------------------------------------
 def _frames_at(path: str, numbers: list[int]) -> dict[int, Any]:
-    """Decode only as far as the last wanted frame; keep just the wanted ones (1-based)."""
+    """Decode only the wanted frames (1-based numbers) of a run."""
     from inference.frames import open_run
 
-    wanted = set(numbers)
-    out: dict[int, Any] = {}
-    if not wanted:
-        return out
-    last = max(wanted)
-    for i, frame in enumerate(open_run(path).iter_frames(), start=1):
-        if i in wanted:
-            out[i] = frame
-        if i >= last:
-            break
-    return out
+    wanted = sorted(set(numbers))
+    return dict(zip(wanted, open_run(path).iter_frames([n - 1 for n in wanted])))
 
 
 def _classify_instances(instances, modalities: list[str]):
