@@ -73,7 +73,7 @@ class OrthancProcess:
             cfg["LuaScripts"] = [str(self.workdir / "route.lua")]
         return cfg
 
-    def start(self, timeout_s: float = 30) -> None:
+    def start(self, timeout_s: float = 30) -> "OrthancProcess":
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.auto_route:
             (self.workdir / "route.lua").write_text(
@@ -89,7 +89,9 @@ class OrthancProcess:
                 raise OrthancError(f"Orthanc exited with {self.proc.returncode}; see {self.workdir}/orthanc.log")
             try:
                 self.get("/system")
-                return
+                # REST answers before the DICOM port may listen: wait for both
+                with socket.create_connection(("127.0.0.1", self.dicom_port), timeout=0.5):
+                    return self
             except (urllib.error.URLError, ConnectionError, OSError):
                 time.sleep(0.2)
         raise OrthancError("Orthanc did not start in time")

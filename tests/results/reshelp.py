@@ -8,12 +8,10 @@ Imported as ``reshelp`` (tests/results is put on sys.path by its conftest).
 
 from __future__ import annotations
 
-import json
 import shutil
 import socket
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from dicom_node.orthanc import OrthancProcess
 from inference.types import KeyFrame, ModelInfo, ReportText, RunSelection, StudyResult
 
 XA_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.12.1"
@@ -140,74 +139,17 @@ def dciodvfy_counts(path: Path) -> tuple[int, int, str]:
 
 
 # --------------------------------------------------------------------------- peers
-class OrthancPeer:
-    """A throw-away Orthanc in tmp, started as a subprocess."""
+class OrthancPeer(OrthancProcess):
+    """A throw-away Orthanc in tmp (the node's own ``OrthancProcess``), with ``find``
+    answering SOP Instance UIDs instead of Orthanc ids."""
 
     def __init__(self, root: Path, aet: str = "ORTHANC"):
-        self.root = Path(root)
-        self.aet = aet
-        self.http_port = free_port()
-        self.dicom_port = free_port()
-        self.proc: subprocess.Popen | None = None
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.config = self.root / "orthanc.json"
-        self.config.write_text(json.dumps({
-            "Name": "cag-test",
-            "StorageDirectory": str(self.root / "storage"),
-            "IndexDirectory": str(self.root / "index"),
-            "HttpPort": self.http_port,
-            "DicomPort": self.dicom_port,
-            "DicomAet": aet,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "Plugins": [],
-            "DicomAlwaysAllowStore": True,
-            "DicomCheckCalledAet": False,
-            "StableAge": 1,
-        }))
-
-    def start(self, timeout: float = 30) -> "OrthancPeer":
-        log = open(self.root / "orthanc.out", "ab")
-        self.proc = subprocess.Popen(["Orthanc", f"--logdir={self.root}", str(self.config)],
-                                     stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"Orthanc exited: {(self.root / 'orthanc.out').read_text()[-2000:]}")
-            try:
-                self.get("/system")
-                # the DICOM port too
-                with socket.create_connection(("127.0.0.1", self.dicom_port), timeout=0.5):
-                    return self
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError("Orthanc did not come up")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
-
-    def _req(self, method: str, path: str, body: bytes | None = None):
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method)
-        if body is not None:
-            req.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return json.loads(r.read() or b"null")
-
-    def get(self, path: str):
-        return self._req("GET", path)
+        super().__init__(Path(root), aet=aet, stable_age=1)
 
     def find(self, study_uid: str, modality: str) -> list[str]:
         """SOP Instance UIDs of the study's instances of this modality."""
-        ids = self._req("POST", "/tools/find", json.dumps(
-            {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid, "Modality": modality}}).encode())
-        return sorted(self.get(f"/instances/{i}/simplified-tags")["SOPInstanceUID"] for i in ids)
+        return sorted(self.get(f"/instances/{i}/simplified-tags")["SOPInstanceUID"]
+                      for i in super().find(study_uid, modality))
 
 
 class StoreSCP:
