@@ -147,6 +147,10 @@ class Node:
         self.outbox = mod.Outbox(self.config, self.journal.sessionmaker, on_study_sent=self._on_study_sent,
                                  on_study_failed=self._on_study_send_failed)
         self.outbox.start(self.completion.scheduler)
+        # A crash after a row was marked sent but before the study was: finish it now.
+        for st in self.journal.list_studies(states=["reported"]):
+            if self.outbox.study_state(st.study_uid) == "sent":
+                self._on_study_sent(st.study_uid)
 
     def stop(self, grace_s: float = 30.0) -> None:
         """Graceful: stop accepting, let in-flight C-STOREs finish, leave jobs journaled."""
