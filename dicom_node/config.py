@@ -129,6 +129,9 @@ class VLMConfig(_Strict):
     # torch threads for the in-process backend: 1 is ~10x faster than 2 for the
     # tiny demo model on a busy 2-core host (measured); raise it for real models.
     threads: Optional[int] = Field(1, ge=1)
+    # Write the second language from the first language's draft so both say the same thing.
+    # None: as the model was trained (the bundle manifest says; False for other models).
+    from_first_language: Optional[bool] = None
     # openai-compatible server (vLLM)
     url: Optional[str] = None
     model: Optional[str] = None

@@ -35,6 +35,8 @@ class NodeMetrics:
         self.studies_completed = Counter(
             "cag_studies_completed", "Studies declared complete after the quiet period", registry=r)
         self.jobs = Counter("cag_jobs", "Processing jobs by outcome", ["outcome"], registry=r)
+        self.draft_disagreements = Counter(
+            "cag_draft_language_disagreements", "Studies whose English and Japanese drafts disagree", registry=r)
         self.stage_seconds = Histogram(
             "cag_stage_seconds", "Pipeline stage latency", ["stage"], buckets=STAGE_BUCKETS, registry=r)
 

@@ -327,12 +327,21 @@ def process_study(node, study_uid: str) -> dict:
         stage("encode")
         t0 = time.monotonic()
         model_info = _bundle(node).model_info()
+        from inference.vlm.findings import language_discrepancies
+
+        discrepancies = language_discrepancies(report) if usable else []
+        if discrepancies:
+            log.warning("study %s: the language drafts disagree: %s", study_uid, "; ".join(discrepancies))
+            metrics = getattr(node, "metrics", None)
+            if metrics is not None and hasattr(metrics, "draft_disagreements"):
+                metrics.draft_disagreements.inc()
         result = StudyResult(
             study_instance_uid=study_uid,
             runs=usable,
             report=report,
             model=model_info,
             not_analysed=skipped,
+            discrepancies=discrepancies,
         )
 
         def _encode():
@@ -375,6 +384,7 @@ def process_study(node, study_uid: str) -> dict:
             "runs": len(selections),
             "analysed": len(usable),
             "not_analysed": len(skipped),
+            "discrepancies": discrepancies,
             "results": [{"kind": k, "sop_instance_uid": u, "path": str(p)} for k, u, p in written],
             "timings": timer.timings,
         }

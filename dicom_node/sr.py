@@ -115,6 +115,10 @@ DRAFT_STATEMENT = {
     "en": "AI-generated draft, not verified. It must be reviewed by a physician before any clinical use.",
     "ja": "AIが生成した未確認の下書きです。臨床使用の前に必ず医師が確認してください。",
 }
+DISCREPANCY_STATEMENT = {
+    "en": "The English and Japanese drafts disagree; check both against the images: ",
+    "ja": "英語と日本語の下書きの内容が一致しません。画像と照合して確認してください（詳細は英語の注記）。",
+}
 DEMO_STATEMENT = {
     "en": ("Written by a demonstration model trained on synthetic data only; "
            "it is not a medical device and its content is not clinically meaningful."),
@@ -360,7 +364,7 @@ def _text(name: CodedConcept, value: str, where: str,
     return TextContentItem(name=name, value=_check_text(value, where), relationship_type=rel)
 
 
-def _language_container(lang: str, text, model: ModelInfo) -> ContainerContentItem:
+def _language_container(lang: str, text, model: ModelInfo, disagree: bool = False) -> ContainerContentItem:
     where = f"result.report[{lang!r}]"
     if lang not in LANGUAGES:
         raise EncodingError(f"{where}: language must be one of {sorted(LANGUAGES)}")
@@ -368,6 +372,8 @@ def _language_container(lang: str, text, model: ModelInfo) -> ContainerContentIt
     items = list(hd.sr.LanguageOfContentItemAndDescendants(LANGUAGES[lang]))
     statement = DRAFT_STATEMENT[lang] + (" " + DEMO_STATEMENT[lang] if model.synthetic_demo else "")
     items.append(_text(COMMENT, statement, where))
+    if disagree and lang in DISCREPANCY_STATEMENT and lang != "en":
+        items.append(_text(COMMENT, DISCREPANCY_STATEMENT[lang], where))
     for section in SECTIONS:
         value = getattr(text, section, "") or ""
         if value.strip():
@@ -475,10 +481,17 @@ def build_sr(
     ))
     statement = DRAFT_STATEMENT["en"] + (" " + DEMO_STATEMENT["en"] if model.synthetic_demo else "")
     items.append(_text(COMMENT, statement, "statement"))
+    discrepancies = list(result.discrepancies or [])
+    for i, line in enumerate(discrepancies):
+        if not isinstance(line, str) or not line.strip():
+            raise EncodingError(f"result.discrepancies[{i}]: expected a non-empty string")
+    if discrepancies:
+        items.append(_text(COMMENT, DISCREPANCY_STATEMENT["en"] + "; ".join(discrepancies) + ".",
+                           "result.discrepancies"))
     for lang in [lang for lang in ("en", "ja") if lang in result.report] + sorted(
         set(result.report) - {"en", "ja"}
     ):
-        items.append(_language_container(lang, result.report[lang], model))
+        items.append(_language_container(lang, result.report[lang], model, disagree=bool(discrepancies)))
     if runs:
         analysed = ContainerContentItem(name=ANALYSED_RUNS, relationship_type=RelationshipTypeValues.CONTAINS)
         analysed.ContentSequence = hd.sr.ContentSequence([_run_container(*r) for r in runs])

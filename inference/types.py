@@ -105,6 +105,8 @@ class StudyResult:
     report: dict[str, ReportText]  # language code -> text
     model: ModelInfo
     not_analysed: list[dict] = field(default_factory=list)  # {sop_instance_uid, reason}
+    # What the language drafts disagree on (inference.vlm.findings.language_discrepancies).
+    discrepancies: list[str] = field(default_factory=list)
 
     @property
     def lateralities(self) -> list[str]:
@@ -117,4 +119,5 @@ class StudyResult:
             "report": {k: v.to_dict() for k, v in self.report.items()},
             "model": self.model.to_dict(),
             "not_analysed": list(self.not_analysed),
+            "discrepancies": list(self.discrepancies),
         }

@@ -95,11 +95,15 @@ def run(args) -> int:
         print(f"cag-node report: VLM failed: {exc}", file=sys.stderr)
         return 1
     t_vlm = time.monotonic() - t2
+    from inference.vlm.findings import language_discrepancies
+
+    discrepancies = language_discrepancies(report)
     if args.json:
         print(json.dumps({
             "runs": out_runs,
             "report": {k: v.to_dict() for k, v in report.items()},
             "model": backend.model_info.to_dict(),
+            "discrepancies": discrepancies,
             "timing_s": {"selector": round(t_sel, 3), "vlm_load": round(t_load, 3), "vlm": round(t_vlm, 3)},
         }, indent=2, ensure_ascii=False))
     else:
@@ -117,4 +121,6 @@ def run(args) -> int:
             print(f"  Findings: {rep.findings}")
             print(f"  Impression: {rep.impression}")
             print(f"  Recommendation: {rep.recommendation}")
+        if discrepancies:
+            print("\nThe drafts disagree: " + "; ".join(discrepancies))
     return 0

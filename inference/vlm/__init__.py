@@ -49,6 +49,7 @@ def load_backend(vlm_cfg: Any, bundle=None) -> ReportBackend:
     max_images = int(_get(vlm_cfg, "max_images", 4) or 4)
     timeout = float(_get(vlm_cfg, "timeout_s", 120.0) or 120.0)
     info: Optional[ModelInfo] = bundle.model_info() if bundle is not None else None
+    from_first = _get(vlm_cfg, "from_first_language")
     if kind == "none":
         raise ReportError("vlm.backend is 'none': report generation is disabled")
     if kind == "openai":
@@ -57,11 +58,13 @@ def load_backend(vlm_cfg: Any, bundle=None) -> ReportBackend:
         model = _get(vlm_cfg, "model")
         if info is not None:
             info = ModelInfo(**{**info.to_dict(), "vlm": f"openai:{model}", "adapter": model or ""})
-        return OpenAIBackend(
+        backend = OpenAIBackend(
             url=_get(vlm_cfg, "url"), model=model, api_key_env=_get(vlm_cfg, "api_key_env"),
             max_new_tokens=max_new, max_images=max_images, timeout_s=timeout,
             retries=int(_get(vlm_cfg, "retries", 3)), model_info=info,
         )
+        backend.from_first_language = bool(from_first)
+        return backend
     if kind not in ("bundle", "transformers"):
         raise ReportError(f"vlm.backend: unknown backend {kind!r}")
     path = _get(vlm_cfg, "path") if kind == "transformers" else None
@@ -75,8 +78,12 @@ def load_backend(vlm_cfg: Any, bundle=None) -> ReportBackend:
             raise ReportError("no VLM: the bundle has no vlm section and vlm.path is not set")
         path = bundle.vlm_path
         adapter = adapter or bundle.adapter_path
+        if from_first is None and bundle.manifest.vlm is not None:
+            from_first = (bundle.manifest.vlm.training or {}).get("from_first_language")
     from inference.vlm.transformers_backend import TransformersBackend
 
-    return TransformersBackend(path, adapter=adapter, device=_get(vlm_cfg, "device", "auto") or "auto",
-                               max_new_tokens=max_new, max_images=max_images, timeout_s=timeout,
-                               model_info=info, threads=_get(vlm_cfg, "threads"))
+    backend = TransformersBackend(path, adapter=adapter, device=_get(vlm_cfg, "device", "auto") or "auto",
+                                  max_new_tokens=max_new, max_images=max_images, timeout_s=timeout,
+                                  model_info=info, threads=_get(vlm_cfg, "threads"))
+    backend.from_first_language = bool(from_first)
+    return backend

@@ -43,6 +43,21 @@ PROMPTS = {
 }
 
 
+# The second language's prompt when it is written from the first language's draft (and the
+# images): both drafts then say the same thing (``ReportBackend.from_first_language``).
+PROMPTS_FROM = {
+    "en": (
+        "Coronary angiography key frames ({layout}) and their Japanese report:\n{source}\n"
+        "Write the same report in English with three sections, one per line: "
+        "Findings: ... Impression: ... Recommendation: ..."
+    ),
+    "ja": (
+        "冠動脈造影のキーフレーム（{layout}）と英語の報告書:\n{source}\n"
+        "同じ内容の報告書を日本語で書いてください。所見: … 診断: … 推奨: … の三項目を一行ずつ。"
+    ),
+}
+
+
 class ReportError(RuntimeError):
     """The backend could not produce a report (server error after retries, bad model, ...)."""
 
@@ -57,8 +72,13 @@ def check_language(language: str) -> str:
     return language
 
 
-def build_prompt(language: str, sides: Optional[Sequence[str]] = None, n_images: Optional[int] = None) -> str:
-    """The instruction text for ``language``; ``sides`` names the side of each image, in order."""
+def build_prompt(language: str, sides: Optional[Sequence[str]] = None, n_images: Optional[int] = None,
+                 source: Optional[str] = None) -> str:
+    """The instruction text for ``language``; ``sides`` names the side of each image, in order.
+
+    ``source``: the other language's draft (formatted with ``format_report``) to write this one
+    from; training passes the reference report, serving the draft just generated.
+    """
     check_language(language)
     names = _SIDE_NAMES[language]
     if sides:
@@ -69,6 +89,8 @@ def build_prompt(language: str, sides: Optional[Sequence[str]] = None, n_images:
         layout = sep.join(f"{names.get(s, s)} x{n}" for s, n in counts.items())
     else:
         layout = f"{n_images or 0} images" if language == "en" else f"{n_images or 0}枚"
+    if source:
+        return PROMPTS_FROM[language].format(layout=layout, source=source.strip())
     return PROMPTS[language].format(layout=layout)
 
 
@@ -182,19 +204,35 @@ class ReportBackend(ABC):
 
     max_images: int = 4
     model_info: ModelInfo
+    #: Write every language after the first from the first one's draft (``PROMPTS_FROM``), as the
+    #: model was trained to (bundle manifest ``vlm.training.from_first_language``).
+    from_first_language: bool = False
 
     @abstractmethod
     def generate_text(self, images: list[np.ndarray], prompt: str) -> str:
         """The model's raw answer to ``prompt`` about ``images`` (deterministic)."""
 
     def generate(self, images: list[np.ndarray], language: str = "en",
-                 sides: Optional[Sequence[str]] = None) -> ReportText:
+                 sides: Optional[Sequence[str]] = None, source: Optional[str] = None) -> ReportText:
+        """One language's draft; ``source``: another language's draft to write it from."""
         check_language(language)
         images = list(images)[: self.max_images]
         if sides is not None:
             sides = list(sides)[: len(images)]
-        prompt = build_prompt(language, sides, len(images))
+        prompt = build_prompt(language, sides, len(images), source=source)
         return parse_report(self.generate_text(images, prompt), language)
+
+    def generate_languages(self, images: list[np.ndarray], languages: Sequence[str],
+                           sides: Optional[Sequence[str]] = None) -> dict[str, ReportText]:
+        """Drafts in ``languages``, in order.  With ``from_first_language`` the later ones are
+        written from the first draft when it is well-formed (else from the images alone)."""
+        out: dict[str, ReportText] = {}
+        source: Optional[str] = None
+        for i, lang in enumerate(languages):
+            out[lang] = self.generate(images, lang, sides=sides, source=source)
+            if i == 0 and self.from_first_language and out[lang].format_ok:
+                source = format_report(out[lang].to_dict(), lang)
+        return out
 
     def close(self) -> None:  # pragma: no cover - optional
         pass
@@ -225,4 +263,4 @@ def report_study(backend: ReportBackend, images_by_side, frames_for=None,
     images, sides = select_images(images_by_side, backend.max_images)
     if not images:
         raise ReportError("no key frames to report on")
-    return {lang: backend.generate(images, lang, sides=sides) for lang in languages}
+    return backend.generate_languages(images, list(languages), sides=sides)

@@ -244,3 +244,27 @@ def test_broken_header_is_left_out_unless_strict():
     assert ev == [good.SOPInstanceUID]
     with pytest.raises(EncodingError, match=r"source_datasets\[0\]: StudyInstanceUID is absent"):
         prepare_evidence([broken, good], su, strict=True)
+
+
+def test_language_disagreement_is_written_in_both_languages():
+    from inference.vlm.findings import language_discrepancies
+
+    su = generate_uid()
+    sources = [make_xa(su)]
+    res = make_result(sources, synthetic_demo=False)
+    assert language_discrepancies(res.report) == []  # the shared fixture's drafts agree
+    sr = build_sr(sources, res)
+    assert not any("disagree" in it.TextValue for it in _items(sr, "TEXT"))
+
+    res.report["ja"].recommendation = "冠動脈バイパス術（CABG）を推奨。"
+    res.discrepancies = language_discrepancies(res.report)
+    assert res.discrepancies == ["recommended treatment: EN PCI, JA CABG"]
+    sr = build_sr(sources, res)
+    texts = [it.TextValue for it in _items(sr, "TEXT")]
+    en = [t for t in texts if t.startswith("The English and Japanese drafts disagree")]
+    assert en and "EN PCI, JA CABG" in en[0]
+    assert any("英語と日本語の下書きの内容が一致しません" in t for t in texts)
+    assert sr.CompletionFlag == "COMPLETE"  # the content is whole; the note tells the reader what to check
+    res.discrepancies = [""]
+    with pytest.raises(EncodingError, match=r"result\.discrepancies\[0\]"):
+        build_sr(sources, res)

@@ -30,7 +30,10 @@ def tiny_bundle(tmp_path_factory, standin_dir) -> Path:
 
     torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("vlm-bundle")
-    cfg = TrainConfig(steps=60, batch_size=8, lr=3e-3, warmup=5, seed=0, progress=False)
+    # Independent languages here (the quick demo bundle covers drafts written from the first
+    # language): 100 steps is enough for either language to write text from the images.
+    cfg = TrainConfig(steps=100, batch_size=8, lr=3e-3, warmup=5, seed=0, progress=False,
+                      from_first_language=False)
     metrics = build_vlm(standin_dir, out, seed=0, train_cfg=cfg, evaluate=False)
     assert metrics["train"]["final_loss"] < metrics["train"]["first_loss"]
     return out

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from inference.vlm.base import (build_prompt, format_report, parse_report, report_study, select_images)
+from inference.vlm.base import (ReportBackend, build_prompt, format_report, parse_report, report_study,
+                               select_images)
 
 EN = "Findings: 90% stenosis in the proximal LAD (segment 6).\nImpression: Single-vessel disease.\nRecommendation: PCI."
 JA = "所見: 左冠動脈造影：LAD近位部（#6）に90%狭窄を認める。\n診断: 1枝病変（LAD）。\n推奨: LADに対するPCIを推奨する。"
@@ -87,8 +88,9 @@ def test_select_images_lca_first_shared_budget():
     assert sides == ["RCA", "RCA"]
 
 
-class _Echo:
-    """A backend stub recording what it is asked (report_study's presentation logic only)."""
+class _Echo(ReportBackend):
+    """A backend recording what it is asked; it answers a well-formed report naming the prompt's
+    language and image count (report_study's presentation logic only)."""
 
     max_images = 3
 
@@ -96,13 +98,17 @@ class _Echo:
         from inference.types import ModelInfo
 
         self.calls = []
+        self.prompts = []
         self.model_info = ModelInfo(name="x", version="1", device_uid="2.25.1")
 
-    def generate(self, images, language, sides=None):
-        from inference.types import ReportText
-
+    def generate(self, images, language, sides=None, source=None):
         self.calls.append((len(images), list(sides), language))
-        return ReportText(findings=f"{language}:{len(images)}")
+        return super().generate(images, language, sides=sides, source=source)
+
+    def generate_text(self, images, prompt):
+        self.prompts.append(prompt)
+        lang = "ja" if "日本語" in prompt else "en"
+        return format_report({"findings": f"{lang}:{len(images)}", "impression": "i", "recommendation": "r"}, lang)
 
 
 def test_report_study_from_runs():
@@ -124,3 +130,24 @@ def test_report_study_from_runs():
     assert set(out) == {"en", "ja"}
     assert b.calls[0] == (3, ["LCA", "RCA", "RCA"], "en")
     assert ("c", 1) not in asked
+    # independent drafts: each prompt sees only the images
+    assert all("英語の報告書" not in p for p in b.prompts)
+    assert out["ja"].findings == "ja:3"
+
+
+def test_second_language_is_written_from_the_first_draft():
+    b = _Echo()
+    b.from_first_language = True
+    imgs = {"LCA": [np.zeros((8, 8), np.float32)]}
+    out = report_study(b, imgs, languages=("en", "ja"))
+    assert [c[2] for c in b.calls] == ["en", "ja"]
+    assert "英語の報告書" in b.prompts[1] and "Findings: en:1" in b.prompts[1]
+    assert build_prompt("ja", ["LCA"], source="Findings: x") == b.prompts[1].replace("en:1\nImpression: i\n"
+                                                                                     "Recommendation: r", "x")
+    assert out["en"].format_ok and out["ja"].format_ok
+    # a malformed first draft is not passed on: the second is written from the images alone
+    b2 = _Echo()
+    b2.from_first_language = True
+    b2.generate_text = lambda images, prompt: (b2.prompts.append(prompt), "no sections here")[1]
+    report_study(b2, imgs, languages=("en", "ja"))
+    assert "英語の報告書" not in b2.prompts[1]

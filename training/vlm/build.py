@@ -136,6 +136,7 @@ def _prompt_corpus() -> list[str]:
         for sides in (["LCA"], ["RCA"], ["LCA", "RCA"], ["LCA", "LCA", "RCA"], ["LCA", "RCA", "RCA"],
                       ["LCA", "LCA", "RCA", "RCA"], ["LCA"] * 2, ["RCA"] * 2):
             out.append(build_prompt(lang, sides))
+            out.append(build_prompt(lang, sides, source="-"))
     return out
 
 
@@ -185,6 +186,7 @@ def build_vlm(data_dir: str | Path, bundle_dir: str | Path, seed: int = 0, budge
 
         backend = TransformersBackend(vdir, model=model, processor=processor, max_images=cfg.max_images,
                                       max_new_tokens=256, timeout_s=600)
+        backend.from_first_language = cfg.from_first_language
         enc = VLMEmbeddingEncoder(model, processor)
         # C fitted on training pairs (English references), stored in the manifest for evaluate.
         fit = train[: min(len(train), 32)]
@@ -230,6 +232,8 @@ def _summary(metrics: dict) -> dict:
             out[f"{lang}_baseline_treatment_agreement"] = m["baseline_clinical"]["treatment_agreement"]
             out[f"{lang}_bleu"] = m["bleu"]
             out[f"{lang}_format_ok"] = m["format_ok"]
+    if "language_agreement" in val:
+        out["language_agreement"] = val["language_agreement"]
     if "latency_s_per_study" in val:
         out["latency_s_per_study"] = val["latency_s_per_study"]["mean"]
     return out

@@ -43,6 +43,9 @@ def register_train(sub) -> None:
     p.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the saved model")
     p.add_argument("--resume", action="store_true", help="resume from OUT/checkpoints")
     p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--independent-languages", action="store_true",
+                   help="learn each language from the images alone (default: later languages are written "
+                   "from the first language's report, so the drafts agree)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -92,6 +95,9 @@ def _print(metrics: dict, as_json: bool) -> None:
               f"{c['treatment_agreement']} vs {b['treatment_agreement']}; BLEU {m['bleu']:.3f} ROUGE-L "
               f"{m['rouge_l']:.3f}; format ok {m['format_ok']:.2f}"
               + (f"; VLScore {m['vlscore']:.3f} vs {m['baseline_vlscore']:.3f}" if "vlscore" in m else ""))
+    agree = metrics.get("language_agreement", (metrics.get("val") or {}).get("language_agreement"))
+    if agree is not None:
+        print(f"EN/JA drafts agree (findings and treatment) in {agree:.0%} of studies")
 
 
 def _train(args) -> int:
@@ -108,7 +114,8 @@ def _train(args) -> int:
     cfg = TrainConfig(steps=args.steps, budget_s=args.budget_s, batch_size=args.batch_size,
                       lr=args.lr or (1e-3 if lora else 2e-3), max_images=args.max_images, languages=langs,
                       lora=spec, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
-                      checkpoint_every=args.checkpoint_every, progress=sys.stderr.isatty())
+                      checkpoint_every=args.checkpoint_every, progress=sys.stderr.isatty(),
+                      from_first_language=not args.independent_languages)
     try:
         metrics = train_vlm(args.data, args.out, base=args.base, cfg=cfg, merge=args.merge, resume=args.resume,
                             device=args.device, version=args.version, evaluate=not args.no_eval)
@@ -193,6 +200,7 @@ def train_vlm(data, out, base=None, cfg=None, merge: bool = False, resume: bool 
 
         backend = TransformersBackend(vdir, model=serve_model, processor=processor, max_images=cfg.max_images,
                                       timeout_s=600)
+        backend.from_first_language = cfg.from_first_language
         metrics["val"] = evaluate_backend(backend, val, most_common_reports(train, cfg.languages), cfg.languages,
                                           frame_cache=frames, keep_outputs=False)
     metrics["build_seconds"] = round(time.monotonic() - t0, 1)

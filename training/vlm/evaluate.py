@@ -28,128 +28,10 @@ from typing import Iterable, Optional, Protocol, Sequence
 
 import numpy as np
 
-# --------------------------------------------------------------------------- parsing
-
-VESSEL_ALIASES: dict[str, list[str]] = {
-    "LM": ["left main", "LMCA", "LMT", "LM", "左主幹部", "左主幹"],
-    "LAD": ["left anterior descending", "LAD", "左前下行枝", "前下行枝"],
-    "LCX": ["left circumflex", "circumflex", "LCx", "LCX", "Cx", "左回旋枝", "回旋枝"],
-    "RCA": ["right coronary artery", "right coronary", "RCA", "右冠動脈"],
-    "D1": ["first diagonal", "diagonal", "D1", "対角枝"],
-    "OM": ["obtuse marginal", "OM", "鈍角枝"],
-    "PDA": ["posterior descending", "PDA", "4PD", "後下行枝"],
-}
-RCA_VESSELS = {"RCA", "PDA"}
-# AHA segment -> vessel (1-4 RCA, 5 LM, 6-10 LAD incl. diagonals, 11-15 LCX incl. OM/PL/PD)
-AHA = {**{i: "RCA" for i in range(1, 5)}, 5: "LM", **{i: "LAD" for i in range(6, 11)},
-       **{i: "LCX" for i in range(11, 16)}}
-
-_ALIAS = sorted(((a, v) for v, al in VESSEL_ALIASES.items() for a in al), key=lambda x: -len(x[0]))
-_VESSEL_RE = re.compile("|".join(
-    (rf"(?<![A-Za-z]){re.escape(a)}(?![A-Za-z])" if a.isascii() else re.escape(a)) for a, _ in _ALIAS),
-    re.IGNORECASE)
-_SEG_RE = re.compile(r"(?:#|＃|\bseg(?:ment)?\.?\s*)(\d{1,2})(?!\d)", re.IGNORECASE)
-_SEV_RE = re.compile(r"(\d{1,3})\s*[%％]")
-_OCCL_RE = re.compile(r"total(?:ly)?\s+occlu|occlusion|occluded|CTO|完全閉塞|閉塞", re.IGNORECASE)
-_NEG_RE = re.compile(r"\bno (?:significant )?(?:stenosis|disease|lesion)|有意狭窄な|狭窄なし|病変なし|正常",
-                     re.IGNORECASE)
-_SPLIT_RE = re.compile(r"(?<=[.;。；\n])|(?<=、)(?=[^、]*#)")
-
-
-def normalise_vessel(v) -> Optional[str]:
-    if v is None:
-        return None
-    s = str(v).strip()
-    for alias, name in _ALIAS:
-        if s.lower() == alias.lower():
-            return name
-    m = _VESSEL_RE.search(s)
-    if m:
-        return _vessel_of(m.group(0))
-    return s.upper() or None
-
-
-def _vessel_of(token: str) -> str:
-    t = token.lower()
-    for alias, name in _ALIAS:
-        if alias.lower() == t:
-            return name
-    return token.upper()
-
-
-def normalise_segment(seg) -> Optional[object]:
-    if seg is None or seg == "":
-        return None
-    if isinstance(seg, (int, np.integer)):
-        return int(seg)
-    m = re.search(r"\d+", str(seg))
-    return int(m.group(0)) if m else str(seg).strip().lower()
-
-
-def side_of(vessel: Optional[str], segment=None) -> Optional[str]:
-    if isinstance(segment, int) and segment in AHA:
-        return "RCA" if AHA[segment] == "RCA" else "LCA"
-    if vessel is None:
-        return None
-    return "RCA" if vessel in RCA_VESSELS else "LCA"
-
-
-def normalise_finding(f: dict) -> dict:
-    seg = normalise_segment(f.get("segment"))
-    # The AHA segment number fixes the territory (diagonals count as LAD, OM as LCX).
-    vessel = AHA.get(seg) if isinstance(seg, int) and seg in AHA else normalise_vessel(f.get("vessel"))
-    sev = f.get("severity")
-    sev = int(round(float(sev))) if sev is not None and str(sev) != "" else None
-    side = f.get("side") or side_of(vessel, seg)
-    return {"side": side, "vessel": vessel, "segment": seg, "severity": sev}
-
-
-def parse_findings(text: str) -> list[dict]:
-    """Findings (side, vessel, segment, severity) mentioned in a report text (EN or JA)."""
-    out: list[dict] = []
-    for clause in _SPLIT_RE.split(text or ""):
-        clause = clause.strip()
-        if not clause:
-            continue
-        vessels = [_vessel_of(m.group(0)) for m in _VESSEL_RE.finditer(clause)]
-        segs = [int(m.group(1)) for m in _SEG_RE.finditer(clause)]
-        sevs = [int(m.group(1)) for m in _SEV_RE.finditer(clause)]
-        if _OCCL_RE.search(clause):
-            sevs.append(100)
-        if not sevs or (_NEG_RE.search(clause) and not segs):
-            continue
-        sev = max(s for s in sevs if s <= 100) if any(s <= 100 for s in sevs) else None
-        if sev is None:
-            continue
-        seg = segs[0] if segs else None
-        vessel = AHA.get(seg) if seg in AHA else (vessels[-1] if vessels else None)
-        if vessel is None and seg is None:
-            continue
-        f = {"side": side_of(vessel, seg), "vessel": vessel, "segment": seg, "severity": sev}
-        if f not in out:
-            out.append(f)
-    return out
-
-
-TREATMENTS = ("CABG", "PCI", "medical", "follow-up")
-_TREAT_RE = [
-    ("CABG", re.compile(r"CABG|bypass|バイパス", re.IGNORECASE)),
-    ("PCI", re.compile(r"PCI|stent|angioplasty|ステント|経皮的冠動脈", re.IGNORECASE)),
-    ("medical", re.compile(r"medical|medication|optimal medical|drug therapy|薬物療法|内科的", re.IGNORECASE)),
-    ("follow-up", re.compile(r"follow[- ]?up|observation|経過観察", re.IGNORECASE)),
-]
-
-
-def parse_treatment(text: str) -> Optional[str]:
-    """The treatment a recommendation text proposes: the first mentioned of CABG / PCI /
-    medical / follow-up (``None`` when none is named)."""
-    best = None
-    for name, rx in _TREAT_RE:
-        m = rx.search(text or "")
-        if m and (best is None or m.start() < best[0]):
-            best = (m.start(), name)
-    return best[1] if best else None
-
+from inference.vlm.findings import (  # noqa: F401  (re-exported: the parser lives with the node)
+    AHA, RCA_VESSELS, TREATMENTS, VESSEL_ALIASES, normalise_finding, normalise_segment, normalise_vessel,
+    parse_findings, parse_treatment, side_of,
+)
 
 # --------------------------------------------------------------------------- clinical metrics
 
@@ -453,9 +335,8 @@ def evaluate_backend(backend, studies, baseline: dict[str, dict], languages=("en
         images = [frames(r) for r in refs]
         images_of.append(images)
         t0 = time.perf_counter()
-        rep = {}
+        rep = backend.generate_languages(images, list(languages), sides=sides)
         for lang in languages:
-            rep[lang] = backend.generate(images, lang, sides=sides)
             gens[lang].append(rep[lang])
         latencies.append(time.perf_counter() - t0)
         if keep_outputs:
@@ -498,6 +379,13 @@ def evaluate_backend(backend, studies, baseline: dict[str, dict], languages=("en
             m["baseline_vlscore"] = round(float(np.mean([vlscore(i, gg, r, c) for i, gg, r in zip(img_e, bl_e, ref_e)])), 4)
             m["vlscore_c"] = round(c, 6)
         result[lang] = m
+    if len(languages) > 1:
+        from inference.vlm.findings import language_discrepancies
+
+        # The languages are generated separately: how often do the drafts say the same thing?
+        n_agree = sum(not language_discrepancies({l: gens[l][i] for l in languages}, reference=languages[0])
+                      for i in range(len(studies)))
+        result["language_agreement"] = round(n_agree / max(len(studies), 1), 4)
     result["latency_s_per_study"] = {
         "mean": round(float(np.mean(latencies)), 3) if latencies else None,
         "p95": round(float(np.percentile(latencies, 95)), 3) if latencies else None,

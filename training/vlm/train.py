@@ -62,6 +62,9 @@ class TrainConfig:
     # small shared machine OpenMP's spinning threads are ~5x slower under contention.
     threads: int = 1
     random_frames: bool = True  # a random key-frame candidate of each run per step (augmentation)
+    # Languages after the first are learnt from the first one's reference report (and the images),
+    # so that at serving time they are written from the first draft and say the same thing.
+    from_first_language: bool = True
     progress: bool = True
 
     def to_dict(self) -> dict:
@@ -84,12 +87,14 @@ class Encoded:
         self.input_ids, self.labels, self.token_type_ids = input_ids, labels, token_type_ids
 
 
-def encode_sample(processor, family: str, n_images: int, sides: list[str], lang: str, target: str):
-    """Token ids / labels for a prompt with ``n_images`` images and the answer ``target``."""
+def encode_sample(processor, family: str, n_images: int, sides: list[str], lang: str, target: str,
+                  source: Optional[str] = None):
+    """Token ids / labels for a prompt with ``n_images`` images and the answer ``target``
+    (``source``: the other language's report the answer is written from)."""
     from PIL import Image
 
     blank = [Image.new("RGB", (8, 8)) for _ in range(n_images)]
-    prompt = build_prompt(lang, sides, n_images)
+    prompt = build_prompt(lang, sides, n_images, source=source)
     if family == "paligemma":
         b = build_inputs(processor, family, blank, prompt, target=target)
         ids = b["input_ids"][0].tolist()
@@ -126,11 +131,15 @@ def encode_dataset(processor, family: str, studies: list[StudyExample], cfg: Tra
     out = []
     for s in studies:
         refs, sides = s.frames(cfg.max_images)
+        first = cfg.languages[0] if cfg.languages else None
         for lang in cfg.languages:
             if lang not in s.report:
                 continue
             target = format_report(s.report[lang], lang)
-            ids, labels, tt = encode_sample(processor, family, len(refs), sides, lang, target)
+            source = None
+            if cfg.from_first_language and lang != first and first in s.report:
+                source = format_report(s.report[first], first)
+            ids, labels, tt = encode_sample(processor, family, len(refs), sides, lang, target, source=source)
             out.append(Encoded(s, lang, ids, labels, tt))
     return out
 
