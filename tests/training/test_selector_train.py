@@ -140,3 +140,24 @@ def test_build_selector_on_synthetic(tmp_path):
     assert {"laterality_f1", "key_frame_accuracy", "sha256", "steps", "seconds"} <= set(m)
     b = Bundle.load(tmp_path / "bundle")
     assert b.manifest.selector.arch == "convnext_atto" and b.manifest.selector.sha256 == m["sha256"]
+
+
+def test_sampling_balances_classes_and_views():
+    from types import SimpleNamespace
+
+    from training.selector.train import sampling_weights, view_group
+
+    assert [view_group({"view": v}) for v in ("RAO 30", "LAO 40 CRA 20", "AP CAU 33", "")] == \
+        ["RAO", "LAO CRA", "AP CAU", ""]
+    # class 0 (LCA_better): 3 frames in RAO; class 3 (RCA_better): 1 frame in RAO, 3 in LAO
+    recs = [{"view": "RAO 30"}, {"view": "RAO 28"}, {"view": "LAO 40"}]
+    fs = SimpleNamespace(y=np.array([0, 0, 0, 3, 3, 3, 3]), run=np.array([0, 0, 0, 1, 2, 2, 2]), records=recs)
+    w = sampling_weights(fs, "class")
+    assert np.isclose(w.sum(), 1) and np.isclose(w[0] / w[3], np.sqrt(4 / 3))  # sqrt-inverse frequency
+    wv = sampling_weights(fs, "class+view")
+    # RCA in RAO (one frame) gets more of the RAO draws once views are balanced
+    assert wv[3] / wv[:3].sum() > w[3] / w[:3].sum()
+    assert np.isclose(wv.sum(), 1) and np.isclose(wv[3] / wv[4], np.sqrt(3))
+    assert np.allclose(sampling_weights(fs, "none"), 1 / 7)
+    with pytest.raises(ValueError, match="balance"):
+        sampling_weights(fs, "views")

@@ -11,7 +11,7 @@ def _train(args) -> int:
     cfg = TrainConfig(
         data=args.data, out=args.out, arch=args.arch, size=args.size, epochs=args.epochs, steps=args.steps,
         batch=args.batch, lr=args.lr, weight_decay=args.weight_decay, augment=args.augment,
-        balance=not args.no_balance, val_frac=args.val_frac, seed=args.seed, threads=args.threads,
+        balance="none" if args.no_balance else args.balance, val_frac=args.val_frac, seed=args.seed, threads=args.threads,
         eval_every=args.eval_every, ckpt_every=args.ckpt_every, min_gap=args.min_gap, resume=args.resume,
         cache=args.cache, progress=not args.no_progress, drop_path=args.drop_path,
         label_smoothing=args.label_smoothing, ls_init=args.ls_init,
@@ -42,7 +42,10 @@ def register_train(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (paper: 1e-4)")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--augment", default="trivialaugment", choices=["trivialaugment", "light", "none"])
-    p.add_argument("--no-balance", action="store_true", help="sample frames uniformly instead of class-balanced")
+    p.add_argument("--balance", default="class", choices=["class", "class+view", "none"],
+                   help="frame sampling: balance the classes, or the classes within each projection "
+                   "family (the RCA is rarely filmed in RAO), or uniform")
+    p.add_argument("--no-balance", action="store_true", help="same as --balance none")
     p.add_argument("--val-frac", type=float, default=0.2, help="fraction of studies held out for validation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")

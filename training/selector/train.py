@@ -42,7 +42,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_frac: float = 0.05
     augment: str = "trivialaugment"  # trivialaugment | light | none
-    balance: bool = True  # class-balanced sampling
+    balance: str | bool = "class"  # class | class+view | none (see sampling_weights)
     label_smoothing: float = 0.0
     drop_path: float = 0.0
     ls_init: Optional[float] = None  # ConvNeXt layer-scale init; None = timm default (1e-6)
@@ -99,6 +99,39 @@ class Augment:
         if self.kind == "light":
             out = out + torch.randn_like(out) * 0.02 * torch.rand(out.shape[0], 1, 1, 1)
         return ((out.clamp(0, 1) - self.mean) / self.std).contiguous()
+
+
+def view_group(record: dict) -> str:
+    """The projection family of a run: AP / LAO / RAO with CRA / CAU ('' when unknown)."""
+    view = str(record.get("view") or "").upper().split()
+    if not view:
+        return ""
+    tilt = [t for t in view[1:] if t in ("CRA", "CAU")]
+    return " ".join([view[0]] + tilt[:1])
+
+
+def sampling_weights(fs, balance: str | bool) -> np.ndarray:
+    """Per-frame sampling probabilities (sqrt-inverse frequency: tempers oversampling).
+
+    ``"class"`` (or True) balances the six classes; ``"class+view"`` balances each class within
+    each projection family too, so that a side rarely filmed from one angle (the RCA in RAO:
+    ~1 run in 10 of a typical study) is not simply called the other side from that angle.
+    Runs without a known view count as one family.  ``"none"`` (or False): uniform.
+    """
+    mode = {True: "class", False: "none"}.get(balance, balance)
+    if mode == "none":
+        w = np.ones(len(fs.y))
+    elif mode in ("class", "class+view"):
+        keys = fs.y.astype(np.int64)
+        if mode == "class+view":
+            groups = sorted({view_group(r) for r in fs.records})
+            gid = np.array([groups.index(view_group(r)) for r in fs.records], dtype=np.int64)
+            keys = keys * len(groups) + gid[fs.run]
+        _, inv, cnt = np.unique(keys, return_inverse=True, return_counts=True)
+        w = 1.0 / np.sqrt(cnt[inv].astype(np.float64))
+    else:
+        raise ValueError(f"balance must be class, class+view or none, got {balance!r}")
+    return w / w.sum()
 
 
 def predict_torch(model, X: np.ndarray, batch: int = 64) -> np.ndarray:
@@ -189,13 +222,8 @@ def train(cfg: TrainConfig) -> dict:
             random.setstate(ck["rng"]["python"])
         log.info("resumed from %s at step %d/%d", resume, step, total)
 
-    # class-balanced sampling weights (sqrt-inverse frequency: tempers rare classes' oversampling)
     counts = np.bincount(tr.y, minlength=len(CLASS_NAMES)).astype(np.float64)
-    if cfg.balance:
-        w = 1.0 / np.sqrt(np.maximum(counts, 1))[tr.y]
-    else:
-        w = np.ones(len(tr.y))
-    w = w / w.sum()
+    w = sampling_weights(tr, cfg.balance)
     aug = Augment(cfg.augment, cfg.mean, cfg.std)
     eval_every = cfg.eval_every or steps_per_epoch
     rng = np.random.default_rng(cfg.seed + step)  # a resumed run continues with a fresh stream
