@@ -144,7 +144,10 @@ def _sr_text(path: Path) -> dict[str, dict[str, str]]:
             this_lang = lang_of(it) or lang
             if it.get("ValueType") == "TEXT" and "ConceptNameCodeSequence" in it:
                 name = it.ConceptNameCodeSequence[0].CodeMeaning
-                out.setdefault(this_lang or "-", {})[name] = str(it.TextValue)
+                d = out.setdefault(this_lang or "-", {})
+                text = str(it.TextValue)
+                # several comments (draft statement, a language disagreement): keep them all
+                d[name] = d[name] + "\n    " + text if name in d and text not in d[name] else text
             walk(getattr(it, "ContentSequence", None), this_lang)
 
     walk(ds.get("ContentSequence"), None)

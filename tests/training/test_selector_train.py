@@ -161,3 +161,20 @@ def test_sampling_balances_classes_and_views():
     assert np.allclose(sampling_weights(fs, "none"), 1 / 7)
     with pytest.raises(ValueError, match="balance"):
         sampling_weights(fs, "views")
+
+
+def test_ema_weights_are_checkpointed_and_resumed(tiny, tmp_path):
+    from training.selector.train import TrainConfig, load_checkpoint, model_from_checkpoint, train
+
+    base = dict(data=tiny["data"], out=str(tmp_path / "run"), size=32, batch=8, lr=1e-3, augment="none",
+                eval_every=2, ckpt_every=2, progress=False, ema=0.9)
+    train(TrainConfig(steps=3, **base))
+    ck = load_checkpoint(tmp_path / "run" / "last.pt")
+    # "model" holds the averaged weights (what is exported), "train_model" the raw ones
+    assert set(ck["model"]) == set(ck["train_model"])
+    k = next(k for k in ck["model"] if k.endswith("weight") and ck["model"][k].ndim == 4)
+    assert not np.array_equal(ck["model"][k].numpy(), ck["train_model"][k].numpy())
+    model_from_checkpoint(ck)  # the exported weights load into a plain model
+    train(TrainConfig(steps=5, resume="auto", **base))
+    ck2 = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ck2["step"] == 5 and not np.array_equal(ck2["train_model"][k].numpy(), ck["train_model"][k].numpy())

@@ -43,6 +43,9 @@ class TrainConfig:
     warmup_frac: float = 0.05
     augment: str = "trivialaugment"  # trivialaugment | light | none
     balance: str | bool = "class"  # class | class+view | none (see sampling_weights)
+    # Exponential moving average of the weights (0: off).  The averaged weights are evaluated,
+    # checkpointed as "model" and exported: steadier from one evaluation to the next.
+    ema: float = 0.0
     label_smoothing: float = 0.0
     drop_path: float = 0.0
     ls_init: Optional[float] = None  # ConvNeXt layer-scale init; None = timm default (1e-6)
@@ -203,6 +206,14 @@ def train(cfg: TrainConfig) -> dict:
         p = (step - warm) / max(1, total - warm)
         return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
 
+    ema_model = None
+    if cfg.ema:
+        import copy
+
+        ema_model = copy.deepcopy(model)
+        for p_ in ema_model.parameters():
+            p_.requires_grad_(False)
+
     step = 0
     best = -1.0
     history: list[dict] = []
@@ -211,7 +222,9 @@ def train(cfg: TrainConfig) -> dict:
         resume = str(out / "last.pt") if (out / "last.pt").is_file() else None
     if resume:
         ck = load_checkpoint(resume)
-        model.load_state_dict(ck["model"])
+        model.load_state_dict(ck.get("train_model", ck["model"]))
+        if ema_model is not None:
+            ema_model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         step = int(ck["step"])
         best = float(ck.get("best", -1.0))
@@ -231,13 +244,14 @@ def train(cfg: TrainConfig) -> dict:
     def evaluate() -> dict:
         if len(va) == 0:
             return {}
-        probs = predict_torch(model, va.X)
+        probs = predict_torch(ema_model if ema_model is not None else model, va.X)
         model.train()
         return frameset_metrics(va, probs, min_gap=cfg.min_gap)
 
     def save(path: Path, metrics: Optional[dict] = None) -> None:
         ck = {
-            "model": model.state_dict(),
+            "model": (ema_model if ema_model is not None else model).state_dict(),
+            **({"train_model": model.state_dict()} if ema_model is not None else {}),
             "optimizer": opt.state_dict(),
             "step": step,
             "total_steps": total,
@@ -276,6 +290,13 @@ def train(cfg: TrainConfig) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if ema_model is not None:
+            d = min(cfg.ema, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for pe, pm in zip(ema_model.parameters(), model.parameters()):
+                    pe.mul_(d).add_(pm.detach(), alpha=1 - d)
+                for be, bm in zip(ema_model.buffers(), model.buffers()):
+                    be.copy_(bm)
         step += 1
         lv = float(loss.detach())
         loss_ema = lv if loss_ema is None else 0.9 * loss_ema + 0.1 * lv
