@@ -64,6 +64,9 @@ def ensure_bundle(bundle_dir: Path, quick: bool = False) -> bool:
     print(f"== building the demo model bundle into {bundle_dir} (once; minutes on 2 CPU cores)", flush=True)
     summary = build_bundle(bundle_dir, quick=quick)
     print("== bundle built: " + json.dumps(summary.get("seconds", {})), flush=True)
+    held = (summary.get("heldout") or {}).get("summary")
+    if held:
+        print("== measured on held-out synthetic studies: " + json.dumps(held), flush=True)
     return True
 
 

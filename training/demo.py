@@ -26,8 +26,14 @@ DEMO = {
     "size": 256,
     "frames": 24,
     # 64 px learns laterality faster per CPU second than 128 px (measured); 3000 steps ~ 7 min.
-    "selector": {"arch": "convnext_atto", "size": 64, "steps": 3000},
+    # class+view sampling: key-frame accuracy 0.70 vs 0.56 on 48 held-out studies (laterality
+    # F1 0.92 vs 0.93: within the run-to-run spread of this size of model and data).
+    "selector": {"arch": "convnext_atto", "size": 64, "steps": 3000, "balance": "class+view"},
     "vlm": {"budget_s": 200},
+    # Held-out studies (another seed) the finished bundle is measured on: the validation split
+    # also picks the selector's best checkpoint, so it is not an unbiased estimate.
+    "test_studies": 48,
+    "test_seed_offset": 1000,
 }
 
 
@@ -55,6 +61,13 @@ def build_demo_bundle(bundle_dir: str | Path, work_dir: str | Path | None = None
             shutil.rmtree(data)
         log.info("demo: generating %d synthetic studies (seed %d)", n_studies, seed)
         generate_dataset(data, n_studies, seed, size=size, frames=frames)
+    test = work / "heldout"
+    n_test = 0 if quick else DEMO["test_studies"]
+    if n_test and not (test / "labels.jsonl").is_file():
+        if test.exists():
+            shutil.rmtree(test)
+        log.info("demo: generating %d held-out synthetic studies (seed %d)", n_test, seed + DEMO["test_seed_offset"])
+        generate_dataset(test, n_test, seed + DEMO["test_seed_offset"], size=size, frames=frames)
     t_data = time.monotonic() - t0
 
     tmp_bundle = bundle_dir.parent / (bundle_dir.name + ".partial")
@@ -64,12 +77,14 @@ def build_demo_bundle(bundle_dir: str | Path, work_dir: str | Path | None = None
     t1 = time.monotonic()
     sel_metrics = build_selector(data, tmp_bundle, arch=DEMO["selector"]["arch"],
                                  size=DEMO["selector"]["size"], seed=seed, quick=quick,
-                                 steps=None if quick else DEMO["selector"]["steps"])
+                                 steps=None if quick else DEMO["selector"]["steps"],
+                                 balance=DEMO["selector"]["balance"])
     t_sel = time.monotonic() - t1
     t2 = time.monotonic()
     vlm_metrics = build_vlm(data, tmp_bundle, seed=seed, quick=quick,
                             **({} if quick else {"budget_s": DEMO["vlm"]["budget_s"]}))
     t_vlm = time.monotonic() - t2
+    heldout = _measure_heldout(tmp_bundle, test) if n_test else None
     update_manifest(
         tmp_bundle,
         name="cag-vlm-demo",
@@ -78,6 +93,7 @@ def build_demo_bundle(bundle_dir: str | Path, work_dir: str | Path | None = None
         synthetic_demo=True,
         description="DEMO bundle: a ConvNeXt selector and a tiny Gemma3-architecture VLM trained from "
         "scratch on synthetic angiograms. Not for clinical use.",
+        **({"heldout_metrics": heldout["summary"]} if heldout else {}),
     )
     if bundle_dir.exists():
         shutil.rmtree(bundle_dir)
@@ -89,9 +105,35 @@ def build_demo_bundle(bundle_dir: str | Path, work_dir: str | Path | None = None
                     "total": round(time.monotonic() - t0, 1)},
         "selector": sel_metrics,
         "vlm": vlm_metrics,
+        "heldout": heldout,
     }
     (bundle_dir / "build-summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _measure_heldout(bundle_dir: Path, test_dir: Path) -> dict:
+    """The finished bundle on held-out synthetic studies: selector (ONNX, as deployed) and VLM."""
+    from training.selector.evaluate import evaluate_bundle as evaluate_selector
+    from training.vlm.evaluate import evaluate_bundle as evaluate_vlm
+
+    sel = evaluate_selector(test_dir, bundle_dir)
+    vlm = evaluate_vlm(test_dir, bundle_dir, split="all", vlscore=False)
+    summary = {
+        "studies": vlm.get("n_studies"),
+        "runs": sel.get("runs"),
+        "selector_laterality_f1": sel.get("laterality_f1"),
+        "selector_key_frame_accuracy": sel.get("key_frame_accuracy"),
+        "vlm_language_agreement": vlm.get("language_agreement"),
+    }
+    for lang in ("en", "ja"):
+        if lang in vlm:
+            c, b = vlm[lang]["clinical"], vlm[lang]["baseline_clinical"]
+            for level in ("side", "vessel", "severity"):
+                summary[f"vlm_{lang}_{level}_f1"] = c[level]["f1"]
+                summary[f"vlm_{lang}_baseline_{level}_f1"] = b[level]["f1"]
+            summary[f"vlm_{lang}_treatment_agreement"] = c["treatment_agreement"]
+            summary[f"vlm_{lang}_baseline_treatment_agreement"] = b["treatment_agreement"]
+    return {"summary": summary, "selector": sel, "vlm": vlm}
 
 
 def make_demo_study(out_dir: str | Path, seed: int = 20261129, quick: bool = False) -> list[Path]:

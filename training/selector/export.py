@@ -207,6 +207,8 @@ def export_bundle(checkpoint: str | Path, bundle_dir: str | Path, *, int8: bool 
             "optimizer": "AdamW",
             "loss": "cross-entropy",
             "augment": cfg.get("augment"),
+            "balance": cfg.get("balance", "class"),
+            "ema": cfg.get("ema", 0.0),
             "seed": cfg.get("seed"),
             "data": ck.get("data", {}),
             "split": "by study",
