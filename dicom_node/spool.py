@@ -166,26 +166,14 @@ class Spool:
             body = memoryview(dataset)
         else:
             body = memoryview(dataset.read())
-        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+        size = len(head) + len(body)
+
+        def write(f) -> None:
+            _write_all(f, memoryview(head))
+            _write_all(f, body)
+
         try:
-            with open(tmp, "wb", buffering=0) as f:
-                f.write(head)
-                _write_all(f, body)
-                if self.fsync:
-                    os.fsync(f.fileno())
-            size = len(head) + len(body)
-            new_dirs = self._makedirs(final.parent)
-            os.replace(tmp, final)
-            if self.fsync:
-                _fsync_dir(final.parent)
-                for d in new_dirs:  # make the new directory entries durable too
-                    _fsync_dir(d.parent)
-        except BaseException:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-            raise
+            self._write_and_place(final, write)
         finally:
             if isinstance(body, memoryview):
                 body.release()
@@ -216,30 +204,40 @@ class Spool:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-            new_dirs = self._makedirs(final.parent)
-            os.replace(src, final)
-            self._fsync_dirs(final, new_dirs)
+            self._place(src, final)
             return StoredFile(final, total)
         body = total - len(written_head)
+
+        def write(f) -> None:
+            _write_all(f, memoryview(head))
+            with open(src, "rb", buffering=0) as s:
+                _copy_range(s, f, len(written_head), body)
+
+        self._write_and_place(final, write)
+        return StoredFile(final, len(head) + body)
+
+    def _write_and_place(self, final: Path, write) -> None:
+        """``write(f)`` into a new temp file, fsync it, then ``_place`` it at ``final``; the
+        temp file is removed if anything fails."""
         tmp = self.tmp / f"{uuid.uuid4().hex}.part"
         try:
-            with open(tmp, "wb", buffering=0) as f, open(src, "rb", buffering=0) as s:
-                _write_all(f, memoryview(head))
-                _copy_range(s, f, len(written_head), body)
+            with open(tmp, "wb", buffering=0) as f:
+                write(f)
                 if self.fsync:
                     os.fsync(f.fileno())
-            new_dirs = self._makedirs(final.parent)
-            os.replace(tmp, final)
-            self._fsync_dirs(final, new_dirs)
+            self._place(tmp, final)
         except BaseException:
             try:
                 tmp.unlink()
             except OSError:
                 pass
             raise
-        return StoredFile(final, len(head) + body)
 
-    def _fsync_dirs(self, final: Path, new_dirs: list[Path]) -> None:
+    def _place(self, src: Path, final: Path) -> None:
+        """Rename a complete (fsynced) file into place, creating its folders, and make the new
+        directory entries durable."""
+        new_dirs = self._makedirs(final.parent)
+        os.replace(src, final)
         if self.fsync:
             _fsync_dir(final.parent)
             for d in new_dirs:
