@@ -30,7 +30,7 @@ import numpy as np
 
 from inference.vlm.findings import (  # noqa: F401  (re-exported: the parser lives with the node)
     AHA, RCA_VESSELS, TREATMENTS, VESSEL_ALIASES, normalise_finding, normalise_segment, normalise_vessel,
-    parse_findings, parse_treatment, side_of,
+    parse_findings, parse_treatment, report_content, side_of,
 )
 
 # --------------------------------------------------------------------------- clinical metrics
@@ -349,8 +349,9 @@ def evaluate_backend(backend, studies, baseline: dict[str, dict], languages=("en
         true_treat = [studies[i].treatment or parse_treatment(studies[i].report[lang].get("recommendation", ""))
                       for i in idx]
         g = [gens[lang][i] for i in idx]
-        pred = [parse_findings(r.findings) for r in g]
-        pred_treat = [parse_treatment(r.recommendation or r.findings) for r in g]
+        content = [report_content(r) for r in g]  # (findings, treatment), as the node compares drafts
+        pred = [c[0] for c in content]
+        pred_treat = [c[1] for c in content]
         b = baseline.get(lang)
         base_pred = [parse_findings(b["findings"]) if b else [] for _ in idx]
         base_treat = [parse_treatment(b["recommendation"]) if b else None for _ in idx]
