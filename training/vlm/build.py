@@ -142,11 +142,14 @@ def _prompt_corpus() -> list[str]:
 
 def build_vlm(data_dir: str | Path, bundle_dir: str | Path, seed: int = 0, budget_s: float = 150.0,
               quick: bool = False, tiny: TinyConfig | None = None, train_cfg=None,
-              evaluate: bool = True, version: str = "0.1.0") -> dict:
+              evaluate: bool = True, version: str = "0.1.0", max_studies: int | None = None) -> dict:
     """The demo VLM: tokenizer + tiny Gemma3 trained (full fine-tune) on ``data_dir``'s key frames
     and reports, saved into ``bundle_dir/vlm``, manifest updated; returns metrics.
 
     ``quick`` (tests) trains for ~1/4 of the budget.  Validation studies are split off by patient.
+    ``max_studies``: use only the first N studies (in StudyInstanceUID order, so a fixed subset):
+    a time budget buys few passes over a large set, and the demo VLM then learns only the most
+    common report (measured: 640 studies in 200 s, side F1 0.00 on held-out studies).
     """
     import time
 
@@ -162,6 +165,10 @@ def build_vlm(data_dir: str | Path, bundle_dir: str | Path, seed: int = 0, budge
     tiny = tiny or TinyConfig()
     cfg = train_cfg or TrainConfig(budget_s=budget_s / 4 if quick else budget_s, seed=seed, progress=not quick)
     studies = load_examples(data_dir)
+    if max_studies is not None:
+        if max_studies < 1:
+            raise ValueError(f"max_studies must be >= 1, got {max_studies}")
+        studies = studies[:max_studies]
     if not studies:
         raise ValueError(f"{data_dir}: no studies with key frames and reports")
     parts = split_examples(studies, val_frac=0.2, seed=seed)
@@ -210,7 +217,7 @@ def build_vlm(data_dir: str | Path, bundle_dir: str | Path, seed: int = 0, budge
         path="vlm", family=tiny.family, adapter=None, image_size=tiny.image_size,
         sha256=sha256_dir(vdir), version=version, prompt_style="sections",
         training={"kind": "full", "tiny": tiny.to_dict(), **cfg.to_dict(), "lora": None,
-                  "split_seed": seed, "val_frac": 0.2, "data": str(data_dir)},
+                  "split_seed": seed, "val_frac": 0.2, "data": str(data_dir), "max_studies": max_studies},
         metrics=_summary(metrics),
     )
     update_manifest(bundle_dir, vlm=spec)
