@@ -52,7 +52,6 @@ def build_demo_bundle(bundle_dir: str | Path, work_dir: str | Path | None = None
     ``quick`` builds a much smaller bundle (tests): fewer studies, fewer steps.
     """
     from training.selector import build_selector
-    from training.synthetic import generate_dataset
     from training.vlm import build_vlm
     from inference.bundle import update_manifest
 
@@ -66,20 +65,13 @@ def build_demo_bundle(bundle_dir: str | Path, work_dir: str | Path | None = None
     frames = 16 if quick else DEMO["frames"]
     test_frames = 16 if quick else DEMO["test_frames"]
     # one process per core (the output does not depend on it: each study has its own seed)
-    workers = 1 if quick else max(1, min(4, os.cpu_count() or 1))
-    if not (data / "labels.jsonl").is_file():
-        if data.exists():
-            shutil.rmtree(data)
-        log.info("demo: generating %d synthetic studies (seed %d)", n_studies, seed)
-        generate_dataset(data, n_studies, seed, size=size, frames=frames, workers=workers)
+    workers = 1 if quick else min(4, os.cpu_count() or 1)
+    _ensure_dataset(data, "synthetic", n_studies, seed, size=size, frames=frames, workers=workers)
     test = work / "heldout"
     n_test = 0 if quick else DEMO["test_studies"]
-    if n_test and not (test / "labels.jsonl").is_file():
-        if test.exists():
-            shutil.rmtree(test)
-        log.info("demo: generating %d held-out synthetic studies (seed %d)", n_test, seed + DEMO["test_seed_offset"])
-        generate_dataset(test, n_test, seed + DEMO["test_seed_offset"], size=size, frames=test_frames,
-                         workers=workers)
+    if n_test:
+        _ensure_dataset(test, "held-out synthetic", n_test, seed + DEMO["test_seed_offset"], size=size,
+                        frames=test_frames, workers=workers)
     t_data = time.monotonic() - t0
 
     tmp_bundle = bundle_dir.parent / (bundle_dir.name + ".partial")
@@ -123,6 +115,19 @@ def build_demo_bundle(bundle_dir: str | Path, work_dir: str | Path | None = None
     }
     (bundle_dir / "build-summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _ensure_dataset(path: Path, what: str, n_studies: int, seed: int, **opts) -> None:
+    """Generate ``n_studies`` synthetic studies into ``path`` unless a finished set is there
+    (``labels.jsonl`` is written once every study is; a folder without it is a partial run)."""
+    from training.synthetic import generate_dataset
+
+    if (path / "labels.jsonl").is_file():
+        return
+    if path.exists():
+        shutil.rmtree(path)
+    log.info("demo: generating %d %s studies (seed %d)", n_studies, what, seed)
+    generate_dataset(path, n_studies, seed, **opts)
 
 
 def _measure_heldout(bundle_dir: Path, test_dir: Path) -> dict:
