@@ -20,7 +20,7 @@ import hashlib
 import json
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -42,6 +42,10 @@ class Preprocessing(BaseModel):
     channels: int = 1  # grayscale; replicated if the model wants 3
     mean: float = 0.5
     std: float = 0.25
+    # frame normalisation before mean/std (inference.frames.NORMALIZATIONS): "flatfield" takes
+    # out brightness, gamma, large shadows and the collimated field, which differ between
+    # cath labs and between synthetic and real runs; "none" for bundles made before it existed
+    normalize: Literal["none", "flatfield"] = "none"
 
 
 class SelectorSpec(BaseModel):

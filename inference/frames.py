@@ -329,13 +329,14 @@ def read_frame(path: str | os.PathLike, frame_number: int) -> np.ndarray:
 # -- model input ----------------------------------------------------------------
 
 
-def _spec_values(spec: Any) -> tuple[int, int, float, float]:
+def _spec_values(spec: Any) -> tuple[int, int, float, float, str]:
     if isinstance(spec, dict):
         get = spec.get
     else:
         def get(k, d=None, _s=spec):
             return getattr(_s, k, d)
-    return int(get("input_size", 224)), int(get("channels", 1) or 1), float(get("mean", 0.5)), float(get("std", 0.25))
+    return (int(get("input_size", 224)), int(get("channels", 1) or 1), float(get("mean", 0.5)),
+            float(get("std", 0.25)), str(get("normalize", "none") or "none"))
 
 
 def resize_square(frame: np.ndarray, size: int) -> np.ndarray:
@@ -366,16 +367,115 @@ except Exception:  # pragma: no cover
     _PIL_NEEDS_MODE = True
 
 
+#: Frame normalisations a bundle can name (``Preprocessing.normalize``).
+NORMALIZATIONS = ("none", "flatfield")
+
+
+def box_blur(img: np.ndarray, r: int) -> np.ndarray:
+    """Mean over a (2r+1)^2 window of the last two axes (edges replicated), by cumulative sums:
+    O(pixels) for any r; leading batch axes are allowed."""
+    a = np.asarray(img, dtype=np.float32)
+    if r < 1:
+        return a
+    k = 2 * r + 1
+    for ax in (-2, -1):
+        pad = [(0, 0)] * a.ndim
+        pad[ax] = (r + 1, r)
+        c = np.cumsum(np.pad(a, pad, mode="edge"), axis=ax, dtype=np.float64)
+        hi = [slice(None)] * a.ndim
+        lo = [slice(None)] * a.ndim
+        hi[ax] = slice(k, None)
+        lo[ax] = slice(0, -k)
+        a = ((c[tuple(hi)] - c[tuple(lo)]) / k).astype(np.float32)
+    return a
+
+
+def smooth(img: np.ndarray, r: int) -> np.ndarray:
+    """Three box passes of radius ``r``: close to a Gaussian of sigma ~ r (no scipy needed)."""
+    for _ in range(3):
+        img = box_blur(img, r)
+    return img
+
+
+def exposed_field(x: np.ndarray) -> np.ndarray:
+    """1 where the frame was exposed, 0 under shutters, outside the image-intensifier circle
+    and in letterbox bands: the pixels above black (a tenth of the frame's 95th percentile),
+    closed (dilate, then erode) so that dark
+    vessels and the contrast-filled ostium inside the field stay in it, then stepped back a
+    little from the field edge."""
+    s = x.shape[-1]
+    r = max(2, s // 16)
+    # black relative to the frame's own level: a dark run's field is dim, not black
+    level = np.percentile(x.reshape(x.shape[:-2] + (-1,)), 95, axis=-1)[..., None, None]
+    lit = (x > np.maximum(0.004, 0.1 * level)).astype(np.float32)
+    closed = box_blur((box_blur(lit, r) > 1e-3).astype(np.float32), r) > 1 - 1e-3
+    inner = box_blur(closed.astype(np.float32), max(1, s // 64))
+    return (inner > 1 - 1e-3).astype(np.float32)
+
+
+def flatfield(x: np.ndarray) -> np.ndarray:
+    """Detail image of square display frames in [0, 1] (shape (S, S) or (B, S, S)) -> [0, 1].
+
+    Why: real and synthetic runs (and two real cath labs) differ most in what a coronary
+    classifier should ignore: overall brightness, gamma, window, vignetting, the large shadows
+    of lungs, diaphragm and heart, and the shape of the collimated field.  So the frame is split
+    into a smooth background (a blur of about 1/20 of the frame, over the exposed field only)
+    and the detail on top of it (vessels, catheter, bone edges, noise); the detail is divided by
+    its own RMS inside the field and mapped to 0.5 + z/8 (clipped at 4 RMS).  Outside the
+    exposed field (shutters, letterbox, image-intensifier circle) the output is 0.5, i.e. "no
+    detail", so collimation is no cue.  Dark vessels stay darker than their surroundings.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    s = x.shape[-1]
+    field = exposed_field(x)
+    n = field.sum(axis=(-2, -1), keepdims=True)
+    # a black or nearly black frame: treat all of it as exposed
+    field = np.where(n < 0.05 * s * s, np.float32(1), field)
+    r = max(2, s // 36)
+    w = smooth(field, r)
+    bg = smooth(x * field, r) / np.maximum(w, 1e-3)
+    d = (x - bg) * field
+    rms = np.sqrt((d * d).sum(axis=(-2, -1), keepdims=True, dtype=np.float64)
+                  / np.maximum(field.sum(axis=(-2, -1), keepdims=True), 1.0))
+    z = np.clip(d / np.maximum(rms, 1e-4), -4.0, 4.0)
+    return np.where(field > 0, 0.5 + z * 0.125, 0.5).astype(np.float32)
+
+
+def normalize_frame(x: np.ndarray, method: str) -> np.ndarray:
+    """Apply a named normalisation (``NORMALIZATIONS``) to square frames in [0, 1]."""
+    if method == "none":
+        return x
+    if method == "flatfield":
+        return flatfield(x)
+    raise ValueError(f"unknown preprocessing normalize {method!r} (one of {', '.join(NORMALIZATIONS)})")
+
+
+def model_frame(frame: np.ndarray, spec: Any) -> np.ndarray:
+    """Step 1 of :func:`preprocess`: letterbox + resize a display frame to the model's square
+    size, still a display image in [0, 1] (training augments here, then calls
+    :func:`finish_input`)."""
+    return resize_square(frame, _spec_values(spec)[0])
+
+
+def finish_input(x: np.ndarray, spec: Any) -> np.ndarray:
+    """Step 2 of :func:`preprocess`: square display frame(s) (S, S) or (B, S, S) in [0, 1] ->
+    model input (C, S, S) or (B, C, S, S): the bundle's ``normalize``, ``(x - mean) / std``,
+    channels replicated."""
+    _, channels, mean, std, method = _spec_values(spec)
+    x = normalize_frame(np.asarray(x, dtype=np.float32), method)
+    x = ((x - np.float32(mean)) / np.float32(std)).astype(np.float32, copy=False)
+    x = np.expand_dims(x, -3)
+    if channels > 1:
+        x = np.repeat(x, channels, axis=-3)
+    return np.ascontiguousarray(x)
+
+
 def preprocess(frame: np.ndarray, spec: Any) -> np.ndarray:
     """Display frame (H, W) in [0, 1] -> model input (C, S, S) float32, normalised.
 
     ``spec`` is an ``inference.bundle.Preprocessing`` (or a dict with ``input_size``,
-    ``channels``, ``mean``, ``std``).  The one function used by training and serving.
+    ``channels``, ``mean``, ``std`` and optionally ``normalize``).  The one function used by
+    training and serving: :func:`model_frame` (letterbox + resize), then :func:`finish_input`
+    (the frame normalisation the bundle names, see :func:`flatfield`, and ``(x - mean) / std``).
     """
-    size, channels, mean, std = _spec_values(spec)
-    x = resize_square(frame, size)
-    x = (x - np.float32(mean)) / np.float32(std)
-    x = x.astype(np.float32, copy=False)[None]
-    if channels > 1:
-        x = np.repeat(x, channels, axis=0)
-    return np.ascontiguousarray(x)
+    return finish_input(model_frame(frame, spec), spec)

@@ -216,3 +216,70 @@ def test_preprocess_shapes_and_normalisation():
     assert x3.shape == (3, 16, 16) and np.allclose(x3, 1.0)
     with pytest.raises(ValueError):
         resize_square(np.zeros((2, 3, 4)), 8)
+
+
+# -- frame normalisation (Preprocessing.normalize) ------------------------------
+
+
+def _angio_like(s: int = 96, seed: int = 0) -> np.ndarray:
+    """A square frame: textured background in a round field, a dark 'vessel', black outside."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:s, 0:s]
+    f = 0.5 + 0.2 * np.sin(xx / 9.0) + 0.02 * rng.standard_normal((s, s))
+    f[(np.abs(yy - xx) < 2) & (yy > s // 5)] = 0.08  # a diagonal vessel
+    field = (yy - s / 2) ** 2 + (xx - s / 2) ** 2 <= (0.42 * s) ** 2
+    return np.where(field, np.clip(f, 0, 1), 0.0).astype(np.float32), field
+
+
+def test_flatfield_neutral_outside_field_and_vessels_dark():
+    from inference.frames import flatfield
+
+    f, field = _angio_like()
+    z = flatfield(f)
+    assert z.shape == f.shape and z.dtype == np.float32
+    assert np.all(z[~field] == 0.5)  # collimation is no cue
+    vessel = (np.abs(np.subtract(*np.mgrid[0:96, 0:96])) < 1) & field
+    vessel[:30] = False
+    assert np.median(z[vessel]) < 0.3 < 0.5 < np.median(z[field & ~vessel]) + 0.1
+    assert 0.0 <= z.min() and z.max() <= 1.0
+
+
+def test_flatfield_ignores_gain_and_slow_shading():
+    """Two cath labs' windows and vignetting: the normalised frames are (nearly) the same."""
+    from inference.frames import flatfield
+
+    f, field = _angio_like()
+    yy, xx = np.mgrid[0:96, 0:96]
+    shaded = f * 0.6 * (1.0 - 0.25 * ((yy - 48) ** 2 + (xx - 48) ** 2) / 48 ** 2)
+    a, b = flatfield(f), flatfield(shaded.astype(np.float32))
+    inner = field & ((yy - 48) ** 2 + (xx - 48) ** 2 <= 30 ** 2)
+    assert np.abs(a - b)[inner].mean() < 0.03
+    assert np.abs(a - flatfield(f * 0.5)).max() < 1e-5  # pure gain: identical
+
+
+def test_preprocess_is_model_frame_then_finish_input_and_batches_agree():
+    from inference.frames import finish_input, model_frame
+
+    rng = np.random.default_rng(1)
+    frames = [rng.random((120, 90)).astype(np.float32) for _ in range(3)]
+    for norm in ("none", "flatfield"):
+        spec = Preprocessing(input_size=48, channels=3, normalize=norm)
+        one = np.stack([preprocess(f, spec) for f in frames])
+        two = np.stack([finish_input(model_frame(f, spec), spec) for f in frames])
+        batch = finish_input(np.stack([model_frame(f, spec) for f in frames]), spec)
+        assert one.shape == (3, 3, 48, 48)
+        assert np.array_equal(one, two) and np.allclose(one, batch, atol=1e-6)
+    a = preprocess(frames[0], Preprocessing(input_size=48))
+    b = preprocess(frames[0], Preprocessing(input_size=48, normalize="flatfield"))
+    assert not np.allclose(a, b)
+
+
+def test_preprocessing_normalize_is_validated_and_defaults_to_none():
+    assert Preprocessing().normalize == "none"  # bundles made before it existed
+    assert Preprocessing.model_validate({"input_size": 96}).normalize == "none"
+    with pytest.raises(Exception, match="normalize"):
+        Preprocessing(normalize="histogram")
+    from inference.frames import normalize_frame
+
+    with pytest.raises(ValueError, match="normalize"):
+        normalize_frame(np.zeros((8, 8), np.float32), "histogram")

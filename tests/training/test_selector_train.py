@@ -129,6 +129,44 @@ def test_frames_cache_matches_serving_preprocessing(tiny):
     assert [CLASS_NAMES[i] for i in fs.y[sel]] == rec["frame_labels"]
 
 
+@pytest.mark.parametrize("normalize", ["none", "flatfield"])
+def test_training_batches_are_the_serving_input(tiny, tmp_path, normalize):
+    """What training feeds the model without augmentation (cached display frames D, finished
+    by inference.frames.finish_input) is what the node computes for the same frame."""
+    from inference.frames import finish_input, open_run, preprocess
+    from training.selector.data import build_frameset, load_records
+
+    spec = {"input_size": 48, "channels": 1, "mean": 0.5, "std": 0.25, "normalize": normalize}
+    fs = build_frameset(tiny["data"], spec, cache_dir=tmp_path)
+    rec = load_records(tiny["data"])[0]
+    served = np.stack([preprocess(f, spec) for f in open_run(Path(tiny["data"]) / rec["file"]).iter_frames()])
+    sel = np.where(fs.run == 0)[0]
+    trained = finish_input(np.asarray(fs.D[sel], np.float32), spec)
+    assert trained.shape == served.shape
+    assert np.abs(trained - served).max() < 0.05  # float16 cache of the display frames
+    assert np.abs(np.asarray(fs.X[sel], np.float32) - served).max() < 5e-3
+    again = build_frameset(tiny["data"], spec, cache_dir=tmp_path)  # from the cache
+    assert np.array_equal(np.asarray(again.D), np.asarray(fs.D))
+
+
+def test_augmentations_keep_frames_valid_and_are_seeded():
+    from training.selector.train import AUGMENTATIONS, Augment
+
+    rng = np.random.default_rng(0)
+    d = rng.random((6, 48, 48)).astype(np.float32)
+    assert np.array_equal(Augment("none")(d), d)
+    for kind in AUGMENTATIONS:
+        out = Augment(kind, seed=3)(d)
+        assert out.shape == d.shape and out.dtype == np.float32
+        assert 0.0 <= out.min() and out.max() <= 1.0
+        if kind != "none":
+            assert not np.allclose(out, d)
+    a, b = Augment("sim2real", seed=5)(d), Augment("sim2real", seed=5)(d)
+    assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match="augmentation"):
+        Augment("mixup")
+
+
 def test_build_selector_on_synthetic(tmp_path):
     synthetic = pytest.importorskip("training.synthetic")
     from inference.bundle import Bundle

@@ -2,9 +2,11 @@
 
 Frames are read through ``inference.frames`` and turned into model input with
 ``inference.frames.preprocess`` — the very functions the node serves with — so there is no
-train/serve skew.  The cache (``X`` float16 (N, C, S, S), labels, run ids, frame indices and
-the per-frame mean/variance used for candidate sampling) is keyed by the preprocessing spec
-and the content of labels.jsonl, and stored as ``.npy`` files (memory-mapped when read).
+train/serve skew.  The cache (``X`` float16 (N, C, S, S) model input; ``D`` float16 (N, S, S),
+the same frames letterboxed and resized but not yet normalised, which training augments and
+then finishes with ``inference.frames.finish_input``; labels, run ids, frame indices and the
+per-frame mean/variance used for candidate sampling) is keyed by the preprocessing spec and
+the content of labels.jsonl, and stored as ``.npy`` files (memory-mapped when read).
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from inference.frames import FrameError, open_run, preprocess
+from inference.frames import FrameError, finish_input, model_frame, open_run
 from inference.types import CLASS_NAMES
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # bump when inference.frames / preprocess change behaviour
+CACHE_VERSION = 3  # bump when inference.frames / preprocess change behaviour
 CLASS_INDEX = {c: i for i, c in enumerate(CLASS_NAMES)}
 
 
@@ -93,6 +95,7 @@ class FrameSet:
     frame: np.ndarray  # (N,) int32 0-based frame index within its run
     mean: np.ndarray  # (N,) float64 per-frame mean (modality values), for candidates
     var: np.ndarray  # (N,) float64
+    D: Optional[np.ndarray] = None  # (N, S, S) float16 display frames before finish_input (augmentation)
     records: list[dict] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -105,13 +108,14 @@ class FrameSet:
         new_run = np.array([remap[int(r)] for r in self.run[keep]], dtype=np.int32)
         recs = [self.records[r] for r in sorted(remap)]
         return FrameSet(np.asarray(self.X[keep]), self.y[keep], new_run, self.frame[keep], self.mean[keep],
-                        self.var[keep], recs, list(self.errors))
+                        self.var[keep], None if self.D is None else np.asarray(self.D[keep]), recs, list(self.errors))
 
 
 def _spec_dict(spec: Any) -> dict:
     if hasattr(spec, "model_dump"):
         spec = spec.model_dump()
-    return {k: spec[k] for k in ("input_size", "channels", "mean", "std")}
+    return {k: spec.get(k, "none" if k == "normalize" else None)
+            for k in ("input_size", "channels", "mean", "std", "normalize")}
 
 
 def _cache_key(data_dir: Path, spec: dict) -> str:
@@ -136,8 +140,8 @@ def build_frameset(data_dir: str | os.PathLike, spec: Any, cache_dir: Optional[s
     if meta_f.is_file() and records is None:
         try:
             meta = json.loads(meta_f.read_text())
-            arrs = {k: np.load(f"{base}.{k}.npy", mmap_mode="r" if k == "X" else None)
-                    for k in ("X", "y", "run", "frame", "mean", "var")}
+            arrs = {k: np.load(f"{base}.{k}.npy", mmap_mode="r" if k in ("X", "D") else None)
+                    for k in ("X", "D", "y", "run", "frame", "mean", "var")}
             log.info("selector data: %d frames from cache %s", len(arrs["y"]), base)
             return FrameSet(records=recs, errors=meta.get("errors", []), **arrs)
         except Exception as exc:
@@ -146,6 +150,7 @@ def build_frameset(data_dir: str | os.PathLike, spec: Any, cache_dir: Optional[s
     size, ch = int(sd["input_size"]), int(sd["channels"] or 1)
     total = sum(len(r["frame_labels"]) for r in recs)
     X = np.zeros((total, ch, size, size), np.float16)
+    D = np.zeros((total, size, size), np.float16)
     y = np.zeros(total, np.int64)
     run = np.zeros(total, np.int32)
     frame = np.zeros(total, np.int32)
@@ -166,7 +171,9 @@ def build_frameset(data_dir: str | os.PathLike, spec: Any, cache_dir: Optional[s
             for disp, st in rn.iter_frames_with_stats():
                 if k >= len(labels):
                     break
-                X[n] = preprocess(disp, sd)
+                d = model_frame(disp, sd)  # exactly preprocess(), in its two steps
+                D[n] = d
+                X[n] = finish_input(d, sd)
                 y[n] = CLASS_INDEX[labels[k]]
                 run[n], frame[n], mean[n], var[n] = ri, st.index, st.mean, st.var
                 n += 1
@@ -176,7 +183,7 @@ def build_frameset(data_dir: str | os.PathLike, spec: Any, cache_dir: Optional[s
         except FrameError as exc:
             errors.append(str(exc))
             log.warning("skipping run: %s", exc)
-    arrs = dict(X=X[:n], y=y[:n], run=run[:n], frame=frame[:n], mean=mean[:n], var=var[:n])
+    arrs = dict(X=X[:n], D=D[:n], y=y[:n], run=run[:n], frame=frame[:n], mean=mean[:n], var=var[:n])
     if records is None:
         try:
             cdir.mkdir(parents=True, exist_ok=True)

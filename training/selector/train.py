@@ -35,13 +35,16 @@ class TrainConfig:
     channels: int = 1
     mean: float = 0.5
     std: float = 0.25
+    # frame normalisation before mean/std, recorded in the bundle and applied when serving
+    # (inference.frames.NORMALIZATIONS); "flatfield" makes real and synthetic frames alike
+    normalize: str = "none"
     epochs: int = 10
     steps: Optional[int] = None  # overrides epochs when set
     batch: int = 32
     lr: float = 1e-4
     weight_decay: float = 0.05
     warmup_frac: float = 0.05
-    augment: str = "trivialaugment"  # trivialaugment | light | none
+    augment: str = "trivialaugment"  # see AUGMENTATIONS
     balance: str | bool = "class"  # class | class+view | none (see sampling_weights)
     # Exponential moving average of the weights (0: off).  The averaged weights are evaluated,
     # checkpointed as "model" and exported: steadier from one evaluation to the next.
@@ -61,7 +64,8 @@ class TrainConfig:
     max_train_frames: Optional[int] = None
 
     def spec(self) -> dict:
-        return {"input_size": self.size, "channels": self.channels, "mean": self.mean, "std": self.std}
+        return {"input_size": self.size, "channels": self.channels, "mean": self.mean, "std": self.std,
+                "normalize": self.normalize}
 
 
 def _seed_all(seed: int) -> None:
@@ -72,36 +76,118 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+#: Augmentations of ``TrainConfig.augment``; all act on display frames before
+#: ``inference.frames.finish_input`` (normalisation), as a real cath lab's frames would differ.
+AUGMENTATIONS = ("none", "light", "trivialaugment", "sim2real", "sim2real+trivialaugment")
+
+
 class Augment:
-    """Augmentation on normalised (B, C, S, S) tensors, per sample, in display space [0, 1]."""
+    """Augmentation of a batch of square display frames (B, S, S) in [0, 1] (numpy, float32).
 
-    def __init__(self, kind: str, mean: float, std: float):
-        from torchvision.transforms import v2
+    - ``trivialaugment``: torchvision's TrivialAugmentWide, as in the CAG-VLM paper.
+    - ``light``: small affine + brightness/contrast jitter + a little noise.
+    - ``sim2real``: what differs between synthetic runs and real cath labs, drawn per frame:
+      zoom (real runs are often filmed with the tree filling the field), small rotation and
+      shift, gamma, window (contrast and level), detector blur or edge enhancement, quantum
+      noise, lossy JPEG at low to high quality, 8-bit quantisation, and now and then a shutter.
+      No flips: a mirrored left coronary is not a right one.
+    - ``sim2real+trivialaugment``: TrivialAugmentWide on half of the frames, then ``sim2real``.
+    """
 
-        self.kind = kind
-        self.mean, self.std = mean, std
-        if kind == "trivialaugment":
-            self.t = v2.TrivialAugmentWide(interpolation=v2.InterpolationMode.BILINEAR)
-        elif kind == "light":
-            self.t = v2.Compose([
+    def __init__(self, kind: str, mean: float = 0.5, std: float = 0.25, seed: int = 0):
+        if kind not in AUGMENTATIONS and kind != "":
+            raise ValueError(f"unknown augmentation {kind!r} ({' | '.join(AUGMENTATIONS)})")
+        self.kind = kind or "none"
+        self.rng = np.random.default_rng(seed)
+        self.ta = None
+        if "trivialaugment" in self.kind:
+            from torchvision.transforms import v2
+
+            self.ta = v2.TrivialAugmentWide(interpolation=v2.InterpolationMode.BILINEAR)
+        elif self.kind == "light":
+            from torchvision.transforms import v2
+
+            self.lt = v2.Compose([
                 v2.RandomAffine(degrees=10, translate=(0.06, 0.06), scale=(0.9, 1.1)),
                 v2.ColorJitter(brightness=0.25, contrast=0.25),
             ])
-        elif kind in ("none", ""):
-            self.t = None
-        else:
-            raise ValueError(f"unknown augmentation {kind!r} (trivialaugment | light | none)")
 
-    def __call__(self, x):
+    def __call__(self, d: np.ndarray) -> np.ndarray:
+        d = np.clip(np.asarray(d, dtype=np.float32), 0, 1)
+        if self.kind == "none":
+            return d
+        if self.kind == "light":
+            out = self._torch(d, self.lt)
+            return np.clip(out + self.rng.normal(0, 1, out.shape).astype(np.float32)
+                           * 0.02 * self.rng.random((len(out), 1, 1)).astype(np.float32), 0, 1)
+        if self.kind == "trivialaugment":
+            return self._torch(d, self.ta)
+        if self.ta is not None:  # sim2real+trivialaugment
+            pick = self.rng.random(len(d)) < 0.5
+            if pick.any():
+                d = d.copy()
+                d[pick] = self._torch(d[pick], self.ta)
+        return np.stack([self.sim2real(x) for x in d])
+
+    @staticmethod
+    def _torch(d: np.ndarray, t) -> np.ndarray:
         import torch
 
-        if self.t is None:
-            return x
-        x01 = (x * self.std + self.mean).clamp_(0, 1)
-        out = torch.stack([self.t(xi) for xi in x01])
-        if self.kind == "light":
-            out = out + torch.randn_like(out) * 0.02 * torch.rand(out.shape[0], 1, 1, 1)
-        return ((out.clamp(0, 1) - self.mean) / self.std).contiguous()
+        x = torch.from_numpy(np.ascontiguousarray(d))[:, None]
+        return torch.stack([t(xi) for xi in x])[:, 0].clamp(0, 1).numpy()
+
+    def sim2real(self, x: np.ndarray) -> np.ndarray:
+        """One display frame (S, S) in [0, 1] -> a plausible frame of another cath lab."""
+        from PIL import Image
+
+        from inference.frames import smooth
+
+        rng = self.rng
+        s = x.shape[-1]
+        if rng.random() < 0.8:  # geometry: zoom in more often than out, rotate, shift
+            zoom = float(np.exp(rng.uniform(np.log(0.85), np.log(1.6))))
+            ang = np.deg2rad(rng.uniform(-15, 15))
+            tx, ty = rng.uniform(-0.1, 0.1, 2) * s
+            c, sn = np.cos(ang) / zoom, np.sin(ang) / zoom
+            cx = cy = (s - 1) / 2
+            # output pixel (u, v) samples input at A @ (u - c) + c + t
+            a, b_, e = c, sn, cx - c * cx - sn * cy + tx
+            d_, e2, f = -sn, c, cy + sn * cx - c * cy + ty
+            x = np.asarray(Image.fromarray(x).transform((s, s), Image.AFFINE, (a, b_, e, d_, e2, f),
+                                                         resample=Image.BILINEAR, fillcolor=0.0), np.float32)
+        if rng.random() < 0.85:  # gamma and window
+            x = np.power(np.clip(x, 0, 1), float(np.exp(rng.uniform(np.log(0.6), np.log(1.7)))))
+            mid, top = float(np.median(x)), float(np.percentile(x, 99.5))
+            lo = mid * rng.uniform(-0.5, 0.5)
+            hi = max(top * rng.uniform(0.8, 1.25), lo + 0.05)
+            x = (x - lo) / (hi - lo)
+        u = rng.random()
+        if u < 0.25:  # detector blur
+            x = smooth(x, 1) if s >= 64 else x
+        elif u < 0.45:  # edge enhancement
+            x = x + rng.uniform(0.3, 1.2) * (x - smooth(x, 1))
+        if rng.random() < 0.6:  # quantum noise, more in bright areas
+            sig = rng.uniform(0.005, 0.05)
+            x = x + rng.normal(0, 1, x.shape).astype(np.float32) * sig * np.sqrt(np.clip(x, 0.02, 1))
+        x8 = (np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8)  # real runs are 8-bit
+        if rng.random() < 0.4:  # lossy JPEG
+            import io
+
+            buf = io.BytesIO()
+            Image.fromarray(x8).save(buf, format="JPEG", quality=int(rng.integers(25, 92)))
+            x8 = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("L"))
+        x = x8.astype(np.float32) / 255
+        if rng.random() < 0.15:  # a shutter blade or a round field
+            yy, xx = np.mgrid[0:s, 0:s]
+            if rng.random() < 0.5:
+                r = rng.uniform(0.45, 0.6) * s
+                x = np.where((yy - s / 2) ** 2 + (xx - s / 2) ** 2 <= r * r, x, 0)
+            else:
+                k = int(rng.uniform(0.05, 0.2) * s)
+                side = rng.integers(4)
+                m = [yy < k, yy >= s - k, xx < k, xx >= s - k][side]
+                x = np.where(m, 0, x)
+        return x.astype(np.float32)
 
 
 def view_group(record: dict) -> str:
@@ -176,6 +262,7 @@ def train(cfg: TrainConfig) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from inference.frames import finish_input
     from training.selector.data import build_frameset, split_frameset
     from training.selector.evaluate import frameset_metrics
     from training.selector.model import count_params, create_model
@@ -237,7 +324,8 @@ def train(cfg: TrainConfig) -> dict:
 
     counts = np.bincount(tr.y, minlength=len(CLASS_NAMES)).astype(np.float64)
     w = sampling_weights(tr, cfg.balance)
-    aug = Augment(cfg.augment, cfg.mean, cfg.std)
+    aug = Augment(cfg.augment, cfg.mean, cfg.std, seed=cfg.seed + step)
+    spec = cfg.spec()
     eval_every = cfg.eval_every or steps_per_epoch
     rng = np.random.default_rng(cfg.seed + step)  # a resumed run continues with a fresh stream
 
@@ -280,9 +368,12 @@ def train(cfg: TrainConfig) -> dict:
     first_step = step
     while step < total:
         idx = rng.choice(len(tr.y), size=min(cfg.batch, len(tr.y)), replace=True, p=w)
-        xb = torch.from_numpy(np.asarray(tr.X[np.sort(idx)], dtype=np.float32))
-        yb = torch.from_numpy(tr.y[np.sort(idx)])
-        xb = aug(xb)
+        idx = np.sort(idx)
+        if aug.kind == "none" or tr.D is None:
+            xb = torch.from_numpy(np.asarray(tr.X[idx], dtype=np.float32))
+        else:  # augment the display frames, then the serving path's normalisation
+            xb = torch.from_numpy(finish_input(aug(np.asarray(tr.D[idx], dtype=np.float32)), spec))
+        yb = torch.from_numpy(tr.y[idx])
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         logits = model(xb)
