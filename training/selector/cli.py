@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 
+from inference.frames import NORMALIZATIONS
+from training.selector.train import AUGMENTATIONS
+
 
 def _train(args) -> int:
     from training.selector.train import TrainConfig, train
 
     cfg = TrainConfig(
         data=args.data, out=args.out, arch=args.arch, size=args.size, epochs=args.epochs, steps=args.steps,
-        batch=args.batch, lr=args.lr, weight_decay=args.weight_decay, augment=args.augment,
+        batch=args.batch, lr=args.lr, weight_decay=args.weight_decay, augment=args.augment, normalize=args.normalize,
         balance="none" if args.no_balance else args.balance, val_frac=args.val_frac, seed=args.seed, threads=args.threads,
         eval_every=args.eval_every, ckpt_every=args.ckpt_every, min_gap=args.min_gap, resume=args.resume,
         cache=args.cache, progress=not args.no_progress, drop_path=args.drop_path,
@@ -41,7 +44,12 @@ def register_train(sub) -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (paper: 1e-4)")
     p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--augment", default="trivialaugment", choices=["trivialaugment", "light", "none"])
+    p.add_argument("--augment", default="trivialaugment", choices=list(AUGMENTATIONS),
+                   help="trivialaugment (the paper's TrivialAugmentWide), sim2real (zoom, gamma, window, "
+                   "blur, noise, lossy JPEG, shutters: another cath lab's frames), both, light, none")
+    p.add_argument("--normalize", default="flatfield", choices=list(NORMALIZATIONS),
+                   help="frame normalisation, recorded in the bundle and applied when serving: flatfield "
+                   "(detail over a smooth background, RMS-scaled, field edges neutral) or none")
     p.add_argument("--balance", default="class", choices=["class", "class+view", "none"],
                    help="frame sampling: balance the classes, or the classes within each projection "
                    "family (the RCA is rarely filmed in RAO), or uniform")
@@ -88,12 +96,23 @@ def _evaluate(args) -> int:
 
 
 def register_evaluate(sub) -> None:
-    p = sub.add_parser("selector", help="evaluate a bundle's selector (ONNX Runtime) on a labelled dataset")
-    p.add_argument("--data", required=True, help="dataset folder (DICOM runs + labels.jsonl)")
+    p = sub.add_parser("selector", help="evaluate a bundle's selector (ONNX Runtime) on a labelled dataset "
+                       "(--data) or on labelled real runs (--labels)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="dataset folder (DICOM runs + labels.jsonl, e.g. from `cag-node synth`)")
+    src.add_argument("--labels", metavar="CSV",
+                     help="labelled real runs: a CSV with a header file,laterality[,key_frame] (file: a DICOM run, "
+                     "relative to the CSV's folder; laterality: LCA/RCA or left/right; key_frame: optional "
+                     "1-based frame number a reader chose)")
     p.add_argument("--bundle", required=True, help="model bundle folder")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--min-gap", type=int, default=5)
     p.add_argument("--max-key-frames", type=int, default=2)
+    p.add_argument("--key-frame-tolerance", type=int, default=2,
+                   help="with --labels: the top key frame agrees when within this many frames of the reader's (default 2)")
+    p.add_argument("--saliency", metavar="DIR", default=None,
+                   help="with --labels: write an occlusion-saliency picture of each run's top key frame "
+                   "(where the side decision comes from) to DIR/<run>.png, and DIR/sheet.png")
     p.add_argument("--json", action="store_true", help="print metrics as JSON")
     p.set_defaults(func=_evaluate)
