@@ -48,7 +48,7 @@ def require_tools(*tools: str):
 # One quick demo bundle per test session, shared by e2e and reliability tests.
 def _sources_hash() -> str:
     """A hash of the code that builds a bundle: a cached bundle is reused only while it is unchanged."""
-    root = Path(__file__).resolve().parents[2]
+    root = ROOT  # the repository (parents[2] pointed above it, so no source was hashed)
     h = hashlib.sha256()
     for pkg in ("training", "inference"):
         for p in sorted((root / pkg).rglob("*.py")):
