@@ -381,12 +381,12 @@ def box_blur(img: np.ndarray, r: int) -> np.ndarray:
     for ax in (-2, -1):
         pad = [(0, 0)] * a.ndim
         pad[ax] = (r + 1, r)
-        c = np.cumsum(np.pad(a, pad, mode="edge"), axis=ax, dtype=np.float64)
+        c = np.cumsum(np.pad(a, pad, mode="edge"), axis=ax)
         hi = [slice(None)] * a.ndim
         lo = [slice(None)] * a.ndim
         hi[ax] = slice(k, None)
         lo[ax] = slice(0, -k)
-        a = ((c[tuple(hi)] - c[tuple(lo)]) / k).astype(np.float32)
+        a = (c[tuple(hi)] - c[tuple(lo)]) * np.float32(1.0 / k)
     return a
 
 
@@ -399,18 +399,32 @@ def smooth(img: np.ndarray, r: int) -> np.ndarray:
 
 def exposed_field(x: np.ndarray) -> np.ndarray:
     """1 where the frame was exposed, 0 under shutters, outside the image-intensifier circle
-    and in letterbox bands: the pixels above black (a tenth of the frame's 95th percentile),
-    closed (dilate, then erode) so that dark
-    vessels and the contrast-filled ostium inside the field stay in it, then stepped back a
-    little from the field edge."""
+    and in letterbox bands (any leading batch axes).
+
+    Unexposed pixels are black (below 3 % of the frame's 95th percentile) *and* connected to
+    the image border, as every shutter, circle and letterbox band is; dark areas enclosed by the
+    field (a dense heart shadow, the contrast-filled ostium) stay in it.  Thin dark vessels that
+    reach the border are kept by a closing of the bright pixels.  The field is then stepped back
+    a little from its edge.
+    """
     s = x.shape[-1]
-    r = max(2, s // 16)
-    # black relative to the frame's own level: a dark run's field is dim, not black
     level = np.percentile(x.reshape(x.shape[:-2] + (-1,)), 95, axis=-1)[..., None, None]
-    lit = (x > np.maximum(0.004, 0.1 * level)).astype(np.float32)
-    closed = box_blur((box_blur(lit, r) > 1e-3).astype(np.float32), r) > 1 - 1e-3
-    inner = box_blur(closed.astype(np.float32), max(1, s // 64))
-    return (inner > 1 - 1e-3).astype(np.float32)
+    lit = x > np.maximum(0.004, 0.03 * level)
+    dark = ~lit
+    border = np.zeros(x.shape[-2:], bool)
+    border[[0, -1], :] = True
+    border[:, [0, -1]] = True
+    outside = dark & border
+    step = max(1, s // 24)
+    for _ in range(s):  # flood fill from the border through black pixels
+        grown = (box_blur(outside.astype(np.float32), step) > 1e-3) & dark
+        if np.array_equal(grown, outside):
+            break
+        outside = grown
+    r = max(2, s // 16)
+    closed = box_blur((box_blur(lit.astype(np.float32), r) > 1e-3).astype(np.float32), r) > 1 - 1e-3
+    field = (~outside | closed).astype(np.float32)
+    return (box_blur(field, max(1, s // 64)) > 1 - 1e-3).astype(np.float32)
 
 
 def flatfield(x: np.ndarray) -> np.ndarray:

@@ -283,3 +283,19 @@ def test_preprocessing_normalize_is_validated_and_defaults_to_none():
 
     with pytest.raises(ValueError, match="normalize"):
         normalize_frame(np.zeros((8, 8), np.float32), "histogram")
+
+
+def test_exposed_field_keeps_dark_areas_inside_the_field():
+    """A dense dark region enclosed by the field (heart shadow, filled ostium) is exposed; the
+    black outside of a round field is not."""
+    from inference.frames import exposed_field
+
+    f, field = _angio_like()
+    yy, xx = np.mgrid[0:96, 0:96]
+    f = f.copy()
+    f[(yy - 48) ** 2 + (xx - 48) ** 2 <= 12 ** 2] = 0.0  # black blob well inside the field
+    e = exposed_field(f)
+    assert e[48, 48] == 1.0 and e[2, 2] == 0.0 and e[2, 93] == 0.0
+    assert e[field].mean() > 0.9 and e[~field].max() == 0.0
+    full = np.full((64, 64), 0.6, np.float32)  # a frame with no collimation at all
+    assert exposed_field(full).mean() > 0.9

@@ -151,3 +151,35 @@ def test_cli_evaluates_labelled_runs(quick_bundle, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "laterality accuracy" in r.stdout and "macro F1" in r.stdout and "notes.txt" in r.stdout
     assert "+/-0 frames" in r.stdout
+
+    # occlusion saliency of each readable run's top key frame, and a contact sheet
+    sal = tmp_path / "saliency"
+    r = _cli("evaluate", "selector", "--labels", labels, "--bundle", quick_bundle, "--json", "--saliency", sal)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows_s = json.loads(r.stdout)["saliency"]
+    assert len(rows_s) == n and "error" in rows_s[-1]
+    for row in rows_s[:-1]:
+        assert Path(row["png"]).is_file() and row["side"] in ("LCA", "RCA") and row["truth"] in ("LCA", "RCA")
+    assert (sal / "sheet.png").is_file()
+
+
+def test_occlusion_map_finds_the_part_that_decides(quick_bundle):
+    """The map has the model's input size, is never negative, and is zero where occluding a patch
+    changes nothing (a black frame)."""
+    import numpy as np
+
+    from inference.selector import Selector
+    from training.selector.saliency import occlusion_map, overlay
+    from training.synthetic import render_run
+
+    sel = Selector(quick_bundle)
+    frames, labels, _ = render_run(11, side="LCA", size=128, n_frames=16)
+    k = max(range(len(labels)), key=lambda i: labels[i].endswith("better"))
+    frame = frames[k].astype(np.float32) / 255
+    sal, side, p = occlusion_map(sel, frame)
+    s = sel.preprocessing.input_size
+    assert sal.shape == (s, s) and sal.min() >= 0 and side in ("LCA", "RCA") and 0 < p <= 1
+    blank = occlusion_map(sel, np.zeros((128, 128), np.float32), "LCA")[0]
+    assert float(blank.max()) == 0.0  # nothing to take away from a black frame
+    rgb = overlay(frame, sal, 64)
+    assert rgb.shape == (64, 64, 3) and rgb.dtype == np.uint8

@@ -216,3 +216,25 @@ def test_ema_weights_are_checkpointed_and_resumed(tiny, tmp_path):
     train(TrainConfig(steps=5, resume="auto", **base))
     ck2 = load_checkpoint(tmp_path / "run" / "last.pt")
     assert ck2["step"] == 5 and not np.array_equal(ck2["train_model"][k].numpy(), ck["train_model"][k].numpy())
+
+
+def test_background_swap_moves_contrast_onto_another_run(tiny, tmp_path):
+    """frame - own pre-contrast frame + another run's pre-contrast frame: the vessels stay, the
+    background is the other run's; p=0 changes nothing."""
+    from training.selector.data import build_frameset
+    from training.selector.train import BackgroundSwap
+
+    spec = {"input_size": 32, "channels": 1, "mean": 0.5, "std": 0.25, "normalize": "none"}
+    fs = build_frameset(tiny["data"], spec, cache_dir=tmp_path)
+    other = np.array([CLASS_NAMES[i].endswith("_other") for i in fs.y])
+    idx = np.where(~other)[0][:6]
+    d = np.asarray(fs.D[idx], np.float32)
+    assert np.array_equal(BackgroundSwap(fs, 0.0)(idx, d), d)
+    sw = BackgroundSwap(fs, 1.0, seed=1)
+    out = sw(idx, d)
+    assert out.shape == d.shape and 0 <= out.min() and out.max() <= 1
+    changed = [b for b in range(len(idx)) if not np.allclose(out[b], d[b])]
+    assert changed  # every run of the toy set has pre-contrast frames
+    for b in changed:
+        own = sw.own[int(fs.run[idx[b]])]
+        assert not any(np.allclose(out[b], np.asarray(fs.D[j], np.float32)) for j in own)

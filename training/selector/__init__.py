@@ -18,7 +18,7 @@ def build_selector(data_dir: str | Path, bundle_dir: str | Path, arch: str = "co
                    batch: int = 32, lr: float = 2e-3, augment: str = "none", ls_init: float = 1.0, int8: bool = False,
                    threads: int = 2, work_dir: Optional[str | Path] = None, progress: bool = False,
                    eval_data: Optional[str | Path] = None, balance: str = "class",
-                   ema: float = 0.0, normalize: str = "none") -> dict:
+                   ema: float = 0.0, normalize: str = "none", bg_swap: float = 0.0) -> dict:
     """Train a selector on ``data_dir`` (a `cag-node synth` folder), export it to
     ``bundle_dir/selector.onnx`` and write the manifest's selector section.
 
@@ -39,7 +39,8 @@ def build_selector(data_dir: str | Path, bundle_dir: str | Path, arch: str = "co
         cfg = TrainConfig(data=str(data_dir), out=str(out), arch=arch, size=size, steps=steps,
                           epochs=epochs or 1, batch=batch, lr=lr, augment=augment, ls_init=ls_init, seed=seed, threads=threads,
                           eval_every=max(1, (steps or 100) // 3) if steps else None, progress=progress,
-                          cache=str(out / "cache"), balance=balance, ema=ema, normalize=normalize)
+                          cache=str(out / "cache"), balance=balance, ema=ema, normalize=normalize,
+                          bg_swap=bg_swap)
         summary = train(cfg)
         section = export_bundle(out / "best.pt", bundle_dir, int8=int8, data=str(data_dir), cache=str(out / "cache"),
                                 metrics=summary["val_metrics"])

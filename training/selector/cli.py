@@ -17,7 +17,7 @@ def _train(args) -> int:
         balance="none" if args.no_balance else args.balance, val_frac=args.val_frac, seed=args.seed, threads=args.threads,
         eval_every=args.eval_every, ckpt_every=args.ckpt_every, min_gap=args.min_gap, resume=args.resume,
         cache=args.cache, progress=not args.no_progress, drop_path=args.drop_path,
-        label_smoothing=args.label_smoothing, ls_init=args.ls_init,
+        label_smoothing=args.label_smoothing, ls_init=args.ls_init, bg_swap=args.bg_swap,
     )
     summary = train(cfg)
     if args.json:
@@ -50,6 +50,9 @@ def register_train(sub) -> None:
     p.add_argument("--normalize", default="flatfield", choices=list(NORMALIZATIONS),
                    help="frame normalisation, recorded in the bundle and applied when serving: flatfield "
                    "(detail over a smooth background, RMS-scaled, field edges neutral) or none")
+    p.add_argument("--bg-swap", type=float, default=0.0, metavar="P",
+                   help="probability of moving a frame's contrast onto another run's pre-contrast background, "
+                   "so the side is read from the vessels (default 0)")
     p.add_argument("--balance", default="class", choices=["class", "class+view", "none"],
                    help="frame sampling: balance the classes, or the classes within each projection "
                    "family (the RCA is rarely filmed in RAO), or uniform")

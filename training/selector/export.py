@@ -209,6 +209,7 @@ def export_bundle(checkpoint: str | Path, bundle_dir: str | Path, *, int8: bool 
             "augment": cfg.get("augment"),
             "balance": cfg.get("balance", "class"),
             "ema": cfg.get("ema", 0.0),
+            "bg_swap": cfg.get("bg_swap", 0.0),
             "seed": cfg.get("seed"),
             "data": ck.get("data", {}),
             "split": "by study",

@@ -46,6 +46,9 @@ class TrainConfig:
     warmup_frac: float = 0.05
     augment: str = "trivialaugment"  # see AUGMENTATIONS
     balance: str | bool = "class"  # class | class+view | none (see sampling_weights)
+    # Probability that a training frame's background is swapped for another run's (see
+    # BackgroundSwap): the side must then be read from the contrast-filled vessels.
+    bg_swap: float = 0.0
     # Exponential moving average of the weights (0: off).  The averaged weights are evaluated,
     # checkpointed as "model" and exported: steadier from one evaluation to the next.
     ema: float = 0.0
@@ -190,6 +193,45 @@ class Augment:
         return x.astype(np.float32)
 
 
+class BackgroundSwap:
+    """Move a frame's contrast onto another patient's background.
+
+    A run's pre-injection frames (``*_other``) show everything but the iodine: chest, spine,
+    diaphragm, catheter.  ``frame - own pre-contrast frame + another run's pre-contrast frame``
+    (display space, where attenuations add) keeps the opacified vessels and replaces the rest.
+    Why: on real runs the saliency of the synthetic-only selector lay on background anatomy
+    (spine, diaphragm, texture), which a generator can never make as varied as real chests; with
+    the background drawn from another run it carries no side information, so the model has to
+    learn the side from the vessels.  Frames of runs without a pre-contrast frame are left alone.
+    """
+
+    def __init__(self, fs, p: float, seed: int = 0):
+        self.p = float(p)
+        self.D = fs.D
+        self.rng = np.random.default_rng(seed)
+        other = np.array([CLASS_NAMES[i].endswith("_other") for i in range(len(CLASS_NAMES))])[fs.y]
+        self.pool = np.where(other)[0]
+        self.run = np.asarray(fs.run)
+        self.own = {}
+        for i in self.pool:
+            self.own.setdefault(int(self.run[i]), []).append(int(i))
+
+    def __call__(self, idx: np.ndarray, d: np.ndarray) -> np.ndarray:
+        if self.p <= 0 or len(self.pool) < 2:
+            return d
+        d = d.copy()
+        for b, i in enumerate(idx):
+            own = self.own.get(int(self.run[i]))
+            if not own or self.rng.random() >= self.p:
+                continue
+            j = own[int(self.rng.integers(len(own)))]
+            k = int(self.pool[int(self.rng.integers(len(self.pool)))])
+            if self.run[k] == self.run[i]:
+                continue
+            d[b] = np.clip(d[b] - np.asarray(self.D[j], np.float32) + np.asarray(self.D[k], np.float32), 0, 1)
+        return d
+
+
 def view_group(record: dict) -> str:
     """The projection family of a run: AP / LAO / RAO with CRA / CAU ('' when unknown)."""
     view = str(record.get("view") or "").upper().split()
@@ -326,6 +368,7 @@ def train(cfg: TrainConfig) -> dict:
     w = sampling_weights(tr, cfg.balance)
     aug = Augment(cfg.augment, cfg.mean, cfg.std, seed=cfg.seed + step)
     spec = cfg.spec()
+    swap = BackgroundSwap(tr, cfg.bg_swap, seed=cfg.seed + step + 1)
     eval_every = cfg.eval_every or steps_per_epoch
     rng = np.random.default_rng(cfg.seed + step)  # a resumed run continues with a fresh stream
 
@@ -369,10 +412,11 @@ def train(cfg: TrainConfig) -> dict:
     while step < total:
         idx = rng.choice(len(tr.y), size=min(cfg.batch, len(tr.y)), replace=True, p=w)
         idx = np.sort(idx)
-        if aug.kind == "none" or tr.D is None:
+        if (aug.kind == "none" and not cfg.bg_swap) or tr.D is None:
             xb = torch.from_numpy(np.asarray(tr.X[idx], dtype=np.float32))
         else:  # augment the display frames, then the serving path's normalisation
-            xb = torch.from_numpy(finish_input(aug(np.asarray(tr.D[idx], dtype=np.float32)), spec))
+            d = swap(idx, np.asarray(tr.D[idx], dtype=np.float32))
+            xb = torch.from_numpy(finish_input(aug(d), spec))
         yb = torch.from_numpy(tr.y[idx])
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
