@@ -268,7 +268,8 @@ def test_dicom_headers(tiny_synth):
 
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) not on PATH")
-@pytest.mark.parametrize("compression,bits", [("none", 8), ("jpegls", 8), ("rle", 8), ("none", 10), ("jpegls", 12)])
+@pytest.mark.parametrize("compression,bits", [("none", 8), ("jpegls", 8), ("rle", 8), ("none", 10), ("jpegls", 12),
+                                              ("jpeg", 8)])
 def test_dciodvfy_no_errors(tmp_path, tiny_synth, compression, bits):
     out, recs = tiny_synth
     if compression == "none" and bits == 8:
@@ -309,3 +310,168 @@ def test_labels_without_pixels_match_rendered_labels():
         assert ra["labels"] == rb["labels"]
         assert ra["meta"]["fill"] == rb["meta"]["fill"]
         assert ra["frames"].shape == (10, 64, 64) and rb["frames"] is None
+
+
+# ----------------------------------------------------------------------------- domain randomisation
+
+from training.synthetic.anatomy import NO_HARDWARE, ostium_local  # noqa: E402
+from training.synthetic.render import CONTRAST, RunSpec, run_labels  # noqa: E402
+
+
+def _dciodvfy_errors(path):
+    res = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    text = res.stdout + res.stderr
+    return [line for line in text.splitlines() if line.startswith("Error")], text
+
+
+def test_narrow_domain_has_no_randomisation():
+    rng = np.random.default_rng(2)
+    an = sample_anatomy(rng, domain="narrow")
+    assert an.params == {"vessel_scale": 1.0, "tortuosity": 0.0, "hardware": NO_HARDWARE}
+    spec = sample_run_spec(rng, "LCA", size=64, n_frames=8, domain="narrow")
+    d = RunSpec()
+    for k in ("better_contrast", "texture_gain", "fine_gain", "lung_markings", "rib_cortex", "soft_tissue", "bowel_gas"):
+        assert getattr(spec, k) == getattr(d, k), k
+    assert spec.domain == "narrow" and CONTRAST["narrow"]["normal"][0] <= spec.contrast
+    with pytest.raises(ValueError):
+        sample_run_spec(rng, "LCA", domain="narrow", quality="partial")
+    a, la, _ = render_run(5, side="LCA", size=64, n_frames=8, domain="narrow")
+    b, lb, _ = render_run(5, side="LCA", size=64, n_frames=8, domain="wide")
+    assert not np.array_equal(a, b)
+
+
+def test_wide_anatomy_stays_connected():
+    for seed in range(4):
+        an = sample_anatomy(np.random.default_rng(seed))
+        assert 0.75 <= an.params["vessel_scale"] <= 1.25 and 0 <= an.params["tortuosity"] <= 3
+        ref = sample_anatomy(np.random.default_rng(seed), domain="narrow")
+        for side in ("LCA", "RCA"):
+            tree, tref = an.tree(side), ref.tree(side)
+            assert np.allclose(tree.branches[0].pts[0], ostium_local(an.heart, side))  # the ostium stays put
+            for b, br in zip(tree.branches, tref.branches):
+                assert b.name == br.name and len(b.pts) == len(br.pts)  # sample indices keep their meaning
+                assert np.abs(b.pts - br.pts).max() < 3.5 + 1e-6  # wiggle <= tortuosity (3 mm) + a little
+                if b.parent >= 0:
+                    assert np.allclose(b.pts[0], tree.branches[b.parent].pts[b.parent_idx], atol=1e-6)
+
+
+def test_contrast_ranges_and_better_threshold():
+    wide = CONTRAST["wide"]
+    assert wide["low"][1] < wide["better"] < wide["normal"][0]
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        good = sample_run_spec(rng, "RCA", size=64, n_frames=20, quality="good")
+        low = sample_run_spec(rng, "RCA", size=64, n_frames=20, quality="low_contrast")
+        assert good.better_contrast == low.better_contrast == wide["better"]
+        assert wide["normal"][0] <= good.contrast <= wide["normal"][1]
+        assert wide["low"][0] <= low.contrast <= wide["low"][1]
+        an = sample_anatomy(rng)
+        assert not any(lab.endswith("better") for lab in run_labels(an, [], low)[0])  # weak: never "better"
+
+
+def test_partial_injections_fill_less_and_labels_follow_fill():
+    fills = {"good": [], "partial": []}
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        an = sample_anatomy(rng)
+        for q in fills:
+            spec = sample_run_spec(rng, "LCA", size=64, n_frames=30, quality=q)
+            assert spec.quality in (q, "motion")  # a random table pan makes any run "motion"
+            labels, fill, cmax = run_labels(an, [], spec)
+            fills[q].append(max(fill))
+            for lab, f in zip(labels, fill):
+                assert not (lab == "LCA_better" and f < 0.85)
+    assert np.mean(fills["partial"]) < 0.8 < np.mean(fills["good"])
+    # in a drawn mix about a tenth of the runs are partial
+    n = sum(sample_run_spec(np.random.default_rng([9, i]), "RCA", 64, 20).quality == "partial" for i in range(300))
+    assert 12 <= n <= 50
+
+
+@pytest.mark.parametrize("hw", [dict(sternal_wires=6), dict(clips=8), dict(lead="icd")])
+def test_forced_hardware_appears(hw):
+    an = sample_anatomy(np.random.default_rng(4))
+    assert an.hardware == dict(an.hardware, sternal_wires=0, clips=0, lead="")  # this patient has none
+    spec = sample_run_spec(np.random.default_rng(1), "RCA", size=128, n_frames=6, view=(0.0, 0.0), quality="good")
+    spec.noise, spec.aim, spec.fov_mm, spec.collimation, spec.blades = 0.0, (0.0, 0.0), 280.0, "none", []
+    spec.pan, spec.shake = [(0, 0)] * 6, [0.0] * 6  # no table pan
+    f0, l0, m0 = render_run(1, anatomy=an, lesions=[], spec=spec)
+    an.hardware.update(hw, seed=3)
+    f1, l1, m1 = render_run(1, anatomy=an, lesions=[], spec=spec)
+    assert l1 == l0 and m1["anatomy"]["hardware"] == an.hardware
+    d = f0.astype(int) - f1.astype(int)  # dense hardware is dark (like iodine)
+    assert (d > 30).sum(axis=(1, 2)).min() > 20
+    m0, m1 = d[0] > 30, d[-1] > 30  # static through the run (the beating heart behind it aside)
+    assert (m0 & m1).sum() > 0.7 * (m0 | m1).sum()
+    assert (d < -10).sum() == 0
+
+
+def test_wide_options_deterministic_across_workers(tmp_path):
+    opts = dict(size=64, frames=6, runs_per_study=2, progress=False, compression="mixed")
+    a = generate_dataset(tmp_path / "a", 2, seed=3, workers=1, **opts)
+    b = generate_dataset(tmp_path / "b", 2, seed=3, workers=2, **opts)
+    assert a == b
+    assert {r["compression"] for r in a} == {"none", "jpeg"}
+    for r in a:
+        assert (tmp_path / "a" / r["file"]).read_bytes() == (tmp_path / "b" / r["file"]).read_bytes()
+        assert (r["jpeg_quality"] is None) == (r["compression"] == "none")
+        assert r["jpeg_quality"] is None or 70 <= r["jpeg_quality"] <= 95
+        assert r["domain"] == "wide"
+        ts = pydicom.dcmread(tmp_path / "a" / r["file"], stop_before_pixels=True).file_meta.TransferSyntaxUID
+        assert ts == ("1.2.840.10008.1.2.4.50" if r["compression"] == "jpeg" else "1.2.840.10008.1.2.1")
+    # the compression draw does not touch the pixels: same labels as uncompressed
+    c = generate_dataset(tmp_path / "c", 2, seed=3, **dict(opts, compression="none"))
+    assert [r["frame_labels"] for r in c] == [r["frame_labels"] for r in a]
+
+
+def test_jpeg_runs_decode_through_open_run(tmp_path):
+    from inference.frames import open_run
+
+    opts = dict(size=96, frames=7, runs_per_study=2, progress=False)
+    ref = generate_dataset(tmp_path / "raw", 1, seed=11, **opts)
+    recs = generate_dataset(tmp_path / "jpg", 1, seed=11, compression="jpeg", jpeg_quality=85, **opts)
+    for r, r0 in zip(recs, ref):
+        path = tmp_path / "jpg" / r["file"]
+        ds = pydicom.dcmread(path)
+        assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50" and r["jpeg_quality"] == 85
+        assert ds.LossyImageCompression == "01" and ds.LossyImageCompressionMethod == "ISO_10918_1"
+        assert float(ds.LossyImageCompressionRatio) > 1.5
+        assert ds.PhotometricInterpretation == "MONOCHROME2" and ds.BitsStored == 8
+        frag = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=7))
+        assert frag[:2] == b"\xff\xd8" and b"\xff\xc0" in frag  # SOI, baseline SOF0
+        run = open_run(path)
+        frames = list(run.iter_frames())
+        assert run.n_frames == len(frames) == r["n_frames"] == 7
+        raw = pydicom.dcmread(tmp_path / "raw" / r0["file"]).pixel_array.astype(float)
+        assert np.abs(ds.pixel_array.astype(float) - raw).mean() < 3.0  # lossy, but close
+    with pytest.raises(ValueError):
+        generate_dataset(tmp_path / "x", 1, seed=1, size=32, frames=2, runs_per_study=2, progress=False,
+                         compression="jpeg", bits=12)
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) not on PATH")
+@pytest.mark.parametrize("compression", ["jpeg", "mixed"])
+def test_dciodvfy_new_options(tmp_path, compression):
+    # study 55 of seed 7 has sternal wires and surgical clips
+    st = generate_study(7, 55, size=32, frames=4, runs_per_study=2, with_pixels=False)["study"]
+    assert st["anatomy"]["hardware"]["sternal_wires"] and st["anatomy"]["hardware"]["clips"]
+    recs = generate_dataset(tmp_path, 1, seed=7, start=55, size=96, frames=5, runs_per_study=3, progress=False,
+                            compression=compression)
+    assert all(r["hardware"] == ["clips", "sternal_wires"] for r in recs)
+    if compression == "mixed":
+        assert {r["compression"] for r in recs} == {"none", "jpeg"}
+    for r in recs:
+        errors, text = _dciodvfy_errors(tmp_path / r["file"])
+        assert not errors, text
+
+
+def test_cli_synth_new_options(tmp_path):
+    from dicom_node.cli import main
+
+    rc = main(["synth", str(tmp_path / "o"), "--studies", "1", "--seed", "5", "--size", "48", "--frames", "4",
+               "--runs-per-study", "2", "--compression", "jpeg", "--jpeg-quality", "80", "--domain", "narrow",
+               "--no-progress"])
+    assert rc == 0
+    recs = [json.loads(x) for x in (tmp_path / "o" / "labels.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [(r["compression"], r["jpeg_quality"], r["domain"]) for r in recs] == [("jpeg", 80, "narrow")] * 2
+    assert main(["synth", str(tmp_path / "p"), "--studies", "1", "--compression", "jpeg", "--bits", "12",
+                 "--no-progress"]) == 2

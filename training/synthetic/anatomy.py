@@ -399,19 +399,109 @@ def _finish(tree: Tree) -> Tree:
     return tree
 
 
+#: no implanted hardware (the "narrow" domain, and the default of a hand-made Anatomy)
+NO_HARDWARE = {"sternal_wires": 0, "clips": 0, "lead": "", "seed": 0}
+
+
 @dataclass
 class Anatomy:
     heart: Heart
     lca: Tree
     rca: Tree
+    #: patient-level randomisation (JSON-able, recorded in the run meta):
+    #: ``vessel_scale`` (radius factor), ``tortuosity`` (mm), ``hardware`` (see
+    #: :data:`NO_HARDWARE`: number of sternal wires, of surgical clips, pacing lead
+    #: "" | "pacemaker" | "icd", seed of their geometry)
+    params: dict = field(default_factory=lambda: {"vessel_scale": 1.0, "tortuosity": 0.0, "hardware": dict(NO_HARDWARE)})
 
     def tree(self, side: str) -> Tree:
         return self.lca if side == "LCA" else self.rca
 
+    @property
+    def hardware(self) -> dict:
+        """Implanted hardware (mutable: set ``anatomy.hardware["sternal_wires"] = 6`` to force wires)."""
+        return self.params.setdefault("hardware", dict(NO_HARDWARE))
 
-def sample_anatomy(rng: np.random.Generator) -> Anatomy:
+
+def child_rng(rng: np.random.Generator) -> np.random.Generator:
+    """An independent generator spawned from ``rng``'s seed sequence *without* drawing from
+    ``rng``: the wide domain's extra draws leave the original stream (views, bolus, lesions,
+    ...) untouched, so a seed gives the same run in both domains, plus the randomisation.
+    Deterministic (the n-th spawn of a seed sequence is always the same)."""
+    try:
+        return rng.spawn(1)[0]
+    except (TypeError, ValueError, AttributeError):  # no seed sequence (e.g. a restored state)
+        return np.random.default_rng(int(rng.integers(2**63)))
+
+
+def sample_anatomy(rng: np.random.Generator, domain: str = "wide") -> Anatomy:
+    """Heart + LCA and RCA trees.  ``domain="wide"`` (default) adds the patient-level
+    randomisation: vessel calibre (radius x 0.75-1.25), tortuosity (low-frequency wiggle of
+    every centreline, 0-3 mm) and implanted hardware (sternal wires in 15% of patients,
+    surgical clips in 10%, a pacemaker/ICD lead in 5%), all drawn from a spawned generator
+    (:func:`child_rng`) so ``domain="narrow"`` gives exactly the original anatomy and both
+    domains share everything else."""
+    if domain not in ("wide", "narrow"):
+        raise ValueError(f"domain must be 'wide' or 'narrow', not {domain!r}")
     heart = sample_heart(rng)
-    return Anatomy(heart, build_lca(heart, rng), build_rca(heart, rng))
+    anatomy = Anatomy(heart, build_lca(heart, rng), build_rca(heart, rng))
+    if domain == "narrow":
+        return anatomy
+    sub = child_rng(rng)
+    scale = float(sub.uniform(0.75, 1.25))
+    tort = float(sub.uniform(0.0, 3.0))
+    hw = {
+        "sternal_wires": int(sub.integers(5, 8)) if sub.random() < 0.15 else 0,
+        "clips": int(sub.integers(3, 13)) if sub.random() < 0.10 else 0,
+        "lead": str(sub.choice(["pacemaker", "icd"], p=[0.6, 0.4])) if sub.random() < 0.05 else "",
+        "seed": int(sub.integers(2**31)),
+    }
+    for tree in (anatomy.lca, anatomy.rca):
+        # the two trees of one patient: the same calibre give or take 7%
+        randomize_tree(tree, scale * float(sub.uniform(0.93, 1.07)), tort, sub)
+    anatomy.params = {"vessel_scale": round(scale, 4), "tortuosity": round(tort, 4), "hardware": hw}
+    return anatomy
+
+
+def randomize_tree(tree: Tree, radius_scale: float, tortuosity: float, rng: np.random.Generator) -> Tree:
+    """Scale every radius by ``radius_scale`` and add a random low-frequency wiggle of
+    amplitude ~``tortuosity`` mm to every centreline (in place).  Each branch gets its own
+    wiggle across its course (mostly along the heart surface, wavelengths 12-40 mm), ramped
+    in over its first 8 mm (peak ``tortuosity`` x 0.5-1), on top of its parent's displacement at the branch point: the
+    tree stays connected and the ostium stays put.  Sample indices (lesions, segments) keep
+    their meaning."""
+    disp: list[np.ndarray] = []
+    for b in tree.branches:
+        b.radius = b.radius * radius_scale
+        pts = b.pts
+        n = len(pts)
+        base = disp[b.parent][min(b.parent_idx, len(disp[b.parent]) - 1)] if b.parent >= 0 else np.zeros(3)
+        if tortuosity <= 0 or n < 3:
+            disp.append(np.repeat(base[None], n, axis=0))
+            b.pts = pts + base
+            continue
+        s = arclen(pts)
+        tan = np.gradient(pts, axis=0)
+        tan /= np.linalg.norm(tan, axis=1, keepdims=True) + 1e-9
+        radial = np.stack([np.zeros(n), pts[:, 1], pts[:, 2]], 1)  # out of the epicardium
+        radial -= (radial * tan).sum(1, keepdims=True) * tan
+        rn = np.linalg.norm(radial, axis=1, keepdims=True)
+        radial = np.where(rn > 1e-6, radial / np.maximum(rn, 1e-9), 0.0)
+        lateral = np.cross(tan, radial)  # along the surface, across the vessel
+        amp = tortuosity * rng.uniform(0.5, 1.0)
+        ramp = np.clip(s / 8.0, 0.0, 1.0)
+        ramp = ramp * ramp * (3 - 2 * ramp)
+
+        def wave(k):  # peak <= 1: sum of k sinusoids of wavelength 12-40 mm
+            lam = rng.uniform(12.0, 40.0, k)
+            ph = rng.uniform(0, 2 * np.pi, k)
+            w = rng.uniform(0.5, 1.0, k)
+            return (w[None] * np.sin(2 * np.pi * s[:, None] / lam[None] + ph[None])).sum(1) / w.sum()
+
+        d = amp * ramp[:, None] * (wave(2)[:, None] * lateral + 0.4 * wave(1)[:, None] * radial)
+        disp.append(base + d)
+        b.pts = pts + base + d
+    return _finish(tree)
 
 
 def segment_location(tree: Tree, segment: int, rng: np.random.Generator, margin_mm: float = 3.0):

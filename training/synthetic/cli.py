@@ -37,8 +37,14 @@ def register_synth(sub) -> None:
     p.add_argument("--runs-per-study", type=_range, default=(4, 6), help="runs per study, N or LO-HI (default 4-6)")
     p.add_argument("--pattern", choices=["normal", "mild", "1v", "2v", "3v", "lm"], default=None,
                    help="force one disease pattern for every study (default: random mix)")
-    p.add_argument("--compression", choices=["none", "rle", "jpegls"], default="none",
-                   help="transfer syntax: none = Explicit VR Little Endian (default), rle, jpegls (lossless)")
+    p.add_argument("--compression", choices=["none", "rle", "jpegls", "jpeg", "mixed"], default="none",
+                   help="transfer syntax: none = Explicit VR Little Endian (default), rle, jpegls (lossless), "
+                   "jpeg (JPEG baseline, lossy, 8-bit), mixed (none or jpeg per run, at random)")
+    p.add_argument("--jpeg-quality", type=int, default=None,
+                   help="JPEG quality 1-100 for jpeg/mixed (default: drawn from 70-95 per run)")
+    p.add_argument("--domain", choices=["wide", "narrow"], default="wide",
+                   help="wide (default): domain randomisation (contrast, calibre, tortuosity, background, "
+                   "hardware, partial injections, aim/zoom); narrow: the original generator")
     p.add_argument("--bits", type=int, choices=[8, 10, 12], default=8,
                    help="bits stored: 8 (default) or 10/12 in 16-bit words")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
@@ -53,6 +59,12 @@ def _run(args) -> int:
     if args.studies < 1:
         print("cag-node synth: --studies must be >= 1", file=sys.stderr)
         return 2
+    if args.compression in ("jpeg", "mixed") and args.bits != 8:
+        print("cag-node synth: --compression jpeg/mixed needs --bits 8", file=sys.stderr)
+        return 2
+    if args.jpeg_quality is not None and not 1 <= args.jpeg_quality <= 100:
+        print("cag-node synth: --jpeg-quality must be in 1..100", file=sys.stderr)
+        return 2
     if not 32 <= args.size <= 2048:
         print("cag-node synth: --size must be in 32..2048", file=sys.stderr)
         return 2
@@ -65,6 +77,8 @@ def _run(args) -> int:
         runs_per_study=args.runs_per_study,
         pattern=args.pattern,
         compression=args.compression,
+        jpeg_quality=args.jpeg_quality,
+        domain=args.domain,
         bits=args.bits,
         workers=args.workers,
         start=args.start,

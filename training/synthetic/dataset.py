@@ -18,10 +18,10 @@ from typing import Iterable, Optional
 import numpy as np
 
 from .anatomy import sample_anatomy
-from .dicom_writer import det_uid, write_xa
+from .dicom_writer import COMPRESSIONS, det_uid, write_xa
 from .lesions import sample_lesions
 from .projection import CArm
-from .render import LCA_VIEWS, RCA_VIEWS, render_frames, run_labels, sample_run_spec
+from .render import LCA_VIEWS, RCA_VIEWS, json_params, render_frames, run_labels, sample_run_spec
 from .reports import make_report, treatment
 
 _BASE_DATE = np.datetime64("2025-01-06")
@@ -53,6 +53,7 @@ def generate_study(
     pattern: Optional[str] = None,
     with_pixels: bool = True,
     bits: int = 8,
+    domain: str = "wide",
 ) -> dict:
     """One synthetic study in memory.
 
@@ -61,11 +62,12 @@ def generate_study(
     ``frames``/``runs_per_study`` may be an int or an inclusive (lo, hi) range.
     ``pattern`` forces a disease pattern: normal | mild | 1v | 2v | 3v | lm.
     ``seed`` may be a numpy Generator (a seed is drawn from it).  ``bits``: 8 (uint8 frames)
-    or 10/12 (uint16 frames, written as BitsStored 10/12 in 16)."""
+    or 10/12 (uint16 frames, written as BitsStored 10/12 in 16).  ``domain``: "wide"
+    (domain randomisation, default) or "narrow" (the original generator, byte for byte)."""
     if isinstance(seed, np.random.Generator):
         seed = int(seed.integers(2**31))
     rng = np.random.default_rng([int(seed), int(index)])
-    anatomy = sample_anatomy(rng)
+    anatomy = sample_anatomy(rng, domain=domain)
     lesions = sample_lesions(anatomy, rng, pattern=pattern)
     findings = [l.finding() for l in lesions]
     n_runs = runs_per_study if isinstance(runs_per_study, int) else int(rng.integers(runs_per_study[0], runs_per_study[1] + 1))
@@ -100,6 +102,8 @@ def generate_study(
         "report": make_report(findings),
         "treatment": treatment(findings),
         "lesions": [l.to_dict() for l in lesions],
+        "domain": domain,
+        "anatomy": json_params(anatomy),
     }
     runs = []
     counters = {"LCA": 0, "RCA": 0}
@@ -108,12 +112,13 @@ def generate_study(
         view = views[side][counters[side] % max(1, len(views[side]))]
         counters[side] += 1
         nf = frames if isinstance(frames, int) else int(rrng.integers(frames[0], frames[1] + 1))
-        spec = sample_run_spec(rrng, side, size=size, n_frames=nf, view=view)
+        spec = sample_run_spec(rrng, side, size=size, n_frames=nf, view=view, domain=domain)
         if with_pixels:
             px, labels, meta = render_frames(anatomy, lesions, spec, rrng, bits=bits)
         else:  # labels only (fast): same timing model, no pixels
             labels, fills, _ = run_labels(anatomy, lesions, spec)
-            px, meta = None, {"fill": [round(x, 3) for x in fills], "view": spec.view}
+            px, meta = None, {"fill": [round(x, 3) for x in fills], "view": spec.view, "spec": spec.to_dict(),
+                              "anatomy": json_params(anatomy)}
         carm = CArm(spec.primary, spec.secondary, spec.sid, spec.sod, spec.fov_mm, size)
         t = 9 * 3600 + 5 * 60 + r * 95
         run = {
@@ -168,6 +173,10 @@ def _record(study: dict, run: dict, rel: str, labels: list[str], meta: dict) -> 
         "bits_stored": r.get("bits", 8),
         "fill": meta["fill"],
         "quality": run["spec"].quality,
+        "domain": study.get("domain", "wide"),
+        "hardware": sorted(k for k in ("sternal_wires", "clips", "lead") if study["anatomy"]["hardware"].get(k)),
+        "compression": r.get("compression", "none"),
+        "jpeg_quality": r.get("jpeg_quality"),
         "dominance": study["dominance"],
         "study_index": study["index"],
         "run_index": r["run_index"],
@@ -176,15 +185,37 @@ def _record(study: dict, run: dict, rel: str, labels: list[str], meta: dict) -> 
     }
 
 
+def run_compression(compression: str, seed: int, index: int, run_index: int, jpeg_quality=None) -> tuple[str, Optional[int]]:
+    """Transfer syntax of one run: (compression, JPEG quality or None).  ``mixed``: none or
+    jpeg at random (50/50); the JPEG quality is ``jpeg_quality`` or drawn from 70-95.  The
+    draws come from their own generator of (seed, study, run): the pixels do not change."""
+    if compression not in COMPRESSIONS + ("mixed",):
+        raise ValueError(f"unknown compression {compression!r} ({'|'.join(COMPRESSIONS + ('mixed',))})")
+    if compression not in ("jpeg", "mixed"):
+        return compression, None
+    crng = np.random.default_rng([int(seed), int(index), int(run_index), 0x4A504547])
+    coin, q = crng.random(), int(crng.integers(70, 96))
+    kind = "jpeg" if compression == "jpeg" or coin < 0.5 else "none"
+    if kind == "none":
+        return "none", None
+    return "jpeg", int(jpeg_quality) if jpeg_quality is not None else q
+
+
 def _write_study(args) -> tuple[list[dict], dict]:
     out_dir, seed, index, opts = args
     compression = opts.pop("compression", "none")
+    jpeg_quality = opts.pop("jpeg_quality", None)
+    if compression in ("jpeg", "mixed") and opts.get("bits", 8) != 8:
+        raise ValueError(f"compression={compression!r} (JPEG baseline) needs bits=8, not {opts.get('bits')}")
     st = generate_study(seed, index, **opts)
     study = st["study"]
     recs = []
     for run in st["runs"]:
         rel = f"study_{index:05d}/run_{run['run']['run_index']:02d}.dcm"
-        write_xa(Path(out_dir) / rel, run["frames"], study, run["run"], compression=compression)
+        comp, q = run_compression(compression, seed, index, run["run"]["run_index"], jpeg_quality)
+        run["run"]["compression"] = comp
+        run["run"]["jpeg_quality"] = q
+        write_xa(Path(out_dir) / rel, run["frames"], study, run["run"], compression=comp, jpeg_quality=q or 90)
         recs.append(_record(study, run, rel, run["labels"], run["meta"]))
     srec = {
         "study_uid": study["study_uid"],
@@ -214,7 +245,9 @@ def generate_dataset(
     """Write ``n_studies`` synthetic studies under ``out_dir`` (DICOM XA multi-frame, one
     series per run) plus ``labels.jsonl`` (one record per run) and ``studies.jsonl`` (one
     per study).  Options: size, frames, runs_per_study, pattern, bits (8|10|12), compression
-    (none|rle|jpegls).  Returns the records written to labels.jsonl."""
+    (none|rle|jpegls lossless, jpeg = JPEG baseline lossy, mixed = none or jpeg per run),
+    jpeg_quality (int; default: drawn from 70-95 per run), domain (wide|narrow).  Returns
+    the records written to labels.jsonl."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(str(out), int(seed), i, dict(opts)) for i in range(start, start + n_studies)]

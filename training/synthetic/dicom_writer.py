@@ -8,7 +8,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLSLossless, RLELossless
+
+#: transfer syntaxes of write_xa (jpeg: JPEG baseline 8-bit, lossy)
+COMPRESSIONS = ("none", "rle", "jpegls", "jpeg")
 
 XA_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.12.1"
 # UID root for synthetic objects: 2.25 (UUID-derived) + digits from a hash of the seed path
@@ -139,7 +142,48 @@ def build_xa_dataset(frames: np.ndarray, study: dict, run: dict) -> Dataset:
     return ds
 
 
-def write_xa(path: Path, frames: np.ndarray, study: dict, run: dict, compression: str = "none") -> Path:
+def jpeg_baseline_frames(frames: np.ndarray, quality: int = 90) -> list[bytes]:
+    """Each uint8 frame as a JPEG baseline (ISO 10918-1 process 1, 8-bit, one grey
+    component) code stream, encoded by Pillow/libjpeg (deterministic), without the JFIF
+    APP0 segment (not part of a DICOM JPEG stream)."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    out = []
+    for fr in frames:
+        buf = BytesIO()
+        Image.fromarray(np.ascontiguousarray(fr, dtype=np.uint8)).save(buf, format="JPEG", quality=int(quality),
+                                                                   optimize=False, progressive=False)
+        b = buf.getvalue()
+        if b[2:4] == b"\xff\xe0":  # drop APP0 (JFIF): SOI + the rest after the segment
+            n = int.from_bytes(b[4:6], "big")
+            b = b[:2] + b[4 + n :]
+        out.append(b)
+    return out
+
+
+def _compress_jpeg(ds: Dataset, frames: np.ndarray, quality: int) -> None:
+    from pydicom.encaps import encapsulate
+
+    if frames.dtype != np.uint8:
+        raise ValueError("compression='jpeg' (JPEG baseline) needs 8-bit frames")
+    streams = jpeg_baseline_frames(frames, quality)
+    ratio = frames.nbytes / max(1, sum(len(x) for x in streams))
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = encapsulate(streams, has_bot=True)
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.LossyImageCompression = "01"
+    ds.LossyImageCompressionRatio = f"{ratio:.2f}"
+    ds.LossyImageCompressionMethod = "ISO_10918_1"
+
+
+def write_xa(path: Path, frames: np.ndarray, study: dict, run: dict, compression: str = "none",
+             jpeg_quality: int = 90) -> Path:
+    """Write one run; ``compression``: none (Explicit VR Little Endian), rle, jpegls
+    (lossless) or jpeg (JPEG baseline, lossy, ``jpeg_quality`` 1-100, 8-bit only)."""
     ds = build_xa_dataset(frames, study, run)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
@@ -152,8 +196,10 @@ def write_xa(path: Path, frames: np.ndarray, study: dict, run: dict, compression
         ds.compress(RLELossless, encoding_plugin="pylibjpeg")
     elif compression == "jpegls":
         ds.compress(JPEGLSLossless)
+    elif compression == "jpeg":
+        _compress_jpeg(ds, frames, jpeg_quality)
     elif compression != "none":
-        raise ValueError(f"unknown compression {compression!r} (none|rle|jpegls)")
+        raise ValueError(f"unknown compression {compression!r} ({'|'.join(COMPRESSIONS)})")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from inference.types import CLASS_NAMES
 
-from .anatomy import Anatomy, Heart, Tree, catheter_path, catmull_rom, resample, sample_anatomy
+from .anatomy import Anatomy, Heart, Tree, catheter_path, catmull_rom, child_rng, resample, sample_anatomy
 from .lesions import Lesion, apply_lesions
 from .projection import CArm, chord_ellipsoid, view_name
 
@@ -77,7 +77,16 @@ class RunSpec:
     ma: float = 600.0
     exposure_ms: float = 6.0
     view: str = ""
-    quality: str = "good"  # good | low_contrast | low_dose | motion
+    quality: str = "good"  # good | low_contrast | low_dose | motion | partial
+    # domain randomisation ("wide"); the defaults are the original ("narrow") generator
+    domain: str = "narrow"  # wide | narrow: how this spec was drawn
+    better_contrast: float = 0.6  # min iodine strength of a "_better" frame (wide: 0.4)
+    texture_gain: float = 1.0  # x the coarse soft-tissue texture amplitude
+    fine_gain: float = 1.0  # x the fine texture amplitude
+    lung_markings: float = 0.0  # amplitude of the lung-marking streaks (attenuation units)
+    rib_cortex: float = 0.0  # strength of the cortical rims of the ribs (0 = solid ribs)
+    soft_tissue: int = 0  # extra overlapping soft-tissue masses (breast, fat folds)
+    bowel_gas: int = 0  # gas blobs below the diaphragm
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,6 +99,17 @@ def _choice_view(rng, side):
     return p + rng.normal(0, 5), s + rng.normal(0, 4)
 
 
+#: iodine strength of ordinary runs / of weak ("low_contrast") runs, and the minimum of a
+#: "_better" frame, per domain.  Wide: real diagnostic runs show vessels anywhere from faint
+#: to dark, so ordinary runs span 0.45-1.15 and "better" needs >= 0.4; weak runs stay
+#: below it (0.15-0.35) and are never "better".
+CONTRAST = {
+    "narrow": {"normal": (0.8, 1.15), "low": (0.25, 0.45), "better": 0.6},
+    "wide": {"normal": (0.45, 1.15), "low": (0.15, 0.35), "better": 0.4},
+}
+QUALITIES = ("good", "low_contrast", "low_dose", "motion", "partial")
+
+
 def sample_run_spec(
     rng: np.random.Generator,
     side: str,
@@ -97,9 +117,19 @@ def sample_run_spec(
     n_frames: int = 40,
     view: Optional[tuple] = None,
     quality: Optional[str] = None,
+    domain: str = "wide",
 ) -> RunSpec:
     """Draw acquisition parameters for one run.  ``quality``: None (random), 'good',
-    'low_contrast', 'low_dose', 'motion'."""
+    'low_contrast', 'low_dose', 'motion', 'partial' (wide domain only: a weak or short
+    injection that fills the tree only proximally).  ``domain``: 'wide' (default: domain
+    randomisation of contrast, background texture, blur, aim and zoom) or 'narrow' (the
+    original generator, draw for draw)."""
+    if domain not in CONTRAST:
+        raise ValueError(f"domain must be 'wide' or 'narrow', not {domain!r}")
+    wide = domain == "wide"
+    if quality is not None and quality not in (QUALITIES if wide else QUALITIES[:-1]):
+        raise ValueError(f"quality must be one of {QUALITIES if wide else QUALITIES[:-1]} ({domain}), not {quality!r}")
+    partial = False
     if view is None:
         prim, sec = _choice_view(rng, side)
     else:
@@ -107,13 +137,17 @@ def sample_run_spec(
     fps = float(rng.choice([15.0, 15.0, 15.0, 12.5, 30.0]))
     ft = 1000.0 / fps
     T = n_frames * ft / 1000.0
+    drawn = quality is None
     if quality is None:
         quality = str(rng.choice(["good", "low_contrast", "low_dose", "motion"], p=[0.72, 0.1, 0.1, 0.08]))
+    cr = CONTRAST[domain]
     spec = RunSpec(side=side, primary=float(prim), secondary=float(sec), size=size, n_frames=n_frames)
+    spec.domain = domain
+    spec.better_contrast = cr["better"]
     spec.frame_time_ms = round(ft, 2)
     spec.sid = float(rng.uniform(950, 1200))
     spec.sod = float(rng.uniform(700, 800))
-    spec.fov_mm = float(rng.choice([170.0, 200.0, 220.0, 250.0]))
+    spec.fov_mm = float(rng.choice([170.0, 200.0, 220.0, 250.0] if not wide else [150.0, 170.0, 200.0, 220.0, 250.0, 280.0]))
     spec.heart_rate = float(rng.uniform(55, 100))
     spec.phase0 = float(rng.random())
     # bolus: scaled to the run length so every run shows wash-in, plateau and (mostly) wash-out
@@ -123,14 +157,14 @@ def sample_run_spec(
     spec.v_wash = float(200.0 / (T * rng.uniform(0.25, 0.5)))
     spec.tau_in = float(T * rng.uniform(0.02, 0.05))
     spec.tau_out = float(T * rng.uniform(0.08, 0.16))
-    spec.contrast = float(rng.uniform(0.8, 1.15))
+    spec.contrast = float(rng.uniform(*cr["normal"]))
     spec.noise = float(rng.uniform(0.8, 2.8))
     if quality == "low_contrast":
-        spec.contrast = float(rng.uniform(0.25, 0.45))
+        spec.contrast = float(rng.uniform(*cr["low"]))
     elif quality == "low_dose":
         spec.noise = float(rng.uniform(3.5, 7))
         spec.blur = float(rng.uniform(0.9, 1.3))
-    spec.blur = float(rng.uniform(0.5, 1.0)) if quality != "low_dose" else spec.blur
+    spec.blur = float(rng.uniform(0.5, 1.0 if not wide else 1.5)) if quality != "low_dose" else spec.blur
     spec.edge = float(rng.uniform(0.2, 1.0))
     spec.intensity = "log" if rng.random() < 0.85 else "lin"
     spec.gamma = float(rng.uniform(0.8, 1.6))
@@ -157,6 +191,11 @@ def sample_run_spec(
     spec.blades = blades
     spec.approach = "femoral" if rng.random() < 0.6 else "radial"
     spec.aim = (float(rng.normal(0, 0.05)), float(rng.normal(0, 0.05)))
+    if wide:
+        # a spawned generator: the draws of the narrow domain are unchanged
+        partial = _wide_extras(spec, child_rng(rng), quality, T, drawn)
+        if quality == "partial":
+            quality = "good"  # acquisition otherwise like a good run
     if rng.random() < 0.15:  # a PCI run: guidewire, maybe a balloon or a stent on it
         spec.device = str(rng.choice(["wire", "balloon", "stent"], p=[0.4, 0.3, 0.3]))
         spec.device_branch = str(rng.choice(["LAD", "LCx"] if side == "LCA" else ["RCA", "PDA"]))
@@ -187,7 +226,36 @@ def sample_run_spec(
     spec.quality = quality if quality != "motion" or any(shake) else "good"
     if quality == "good" and any(shake):
         spec.quality = "motion"
+    if partial and spec.quality == "good":
+        spec.quality = "partial"
     return spec
+
+
+def _wide_extras(spec: RunSpec, sub: np.random.Generator, quality: str, T: float, drawn: bool = True) -> bool:
+    """The wide-domain draws (each independent): partial injections (16% of the runs
+    whose quality was drawn as good, ~10% of all), off-centre aim (20%), background texture
+    gains and extras.  Returns whether the injection is partial."""
+    coin = sub.random()
+    partial = quality == "partial" or (drawn and quality == "good" and coin < 0.16)
+    u = sub.random()
+    if partial:
+        # a short and/or weak injection: the bolus front never reaches the distal tree
+        # before the proximal vessels wash out (labels follow from the computed fill)
+        spec.inj_dur = float(T * sub.uniform(0.03, 0.1))
+        spec.v_fill = float(spec.v_fill * sub.uniform(0.3, 0.6))
+        spec.tau_out = float(T * sub.uniform(0.03, 0.06))  # a short puff clears quickly
+        if u < 0.5:
+            spec.contrast = float(spec.contrast * sub.uniform(0.5, 0.9))
+    if sub.random() < 0.2:  # the tree off-centre (table not centred on it): x, y or both
+        off = sub.uniform(0.06, 0.18, 2) * sub.choice([-1.0, 1.0], 2) * [(1, 0), (0, 1), (1, 1)][int(sub.integers(3))]
+        spec.aim = (float(spec.aim[0] + off[0]), float(spec.aim[1] + off[1]))
+    spec.texture_gain = float(np.exp(sub.uniform(np.log(0.6), np.log(4.0))))
+    spec.fine_gain = float(np.exp(sub.uniform(np.log(0.6), np.log(2.5))))
+    spec.lung_markings = float(sub.uniform(0.15, 0.6))
+    spec.rib_cortex = float(sub.uniform(0.3, 1.0))
+    spec.soft_tissue = int(sub.choice([0, 1, 2, 3], p=[0.35, 0.35, 0.2, 0.1]))
+    spec.bowel_gas = int(sub.integers(1, 4)) if sub.random() < 0.3 else 0
+    return partial
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -292,8 +360,16 @@ def deform(local: np.ndarray, heart: Heart, k: float) -> np.ndarray:
 # ----------------------------------------------------------------------------- background
 
 
-def _body_background(carm: CArm, heart: Heart, shape_px: int, margin_px: int, rng_bg: np.random.Generator) -> np.ndarray:
-    """Static attenuation (chest wall, lungs, spine, sternum, ribs) on the padded canvas."""
+def _body_background(
+    carm: CArm, heart: Heart, shape_px: int, margin_px: int, rng_bg: np.random.Generator, spec: Optional[RunSpec] = None
+) -> np.ndarray:
+    """Static attenuation (chest wall, lungs, spine, sternum, ribs) on the padded canvas.
+    ``spec`` (wide domain): texture gains, lung markings, rib cortices, soft-tissue masses
+    and bowel gas (their random geometry from a sub-generator of ``rng_bg``; without
+    extras the draws are the original ones)."""
+    spec = spec or RunSpec()
+    extras = spec.lung_markings > 0 or spec.rib_cortex > 0 or spec.soft_tissue > 0 or spec.bowel_gas > 0
+    rng_x = child_rng(rng_bg) if extras else None
     n_lo = max(32, shape_px // 4)
     big = _scaled(carm, shape_px, n_lo)
     S, dirs = big.rays(n_lo)
@@ -302,8 +378,25 @@ def _body_background(carm: CArm, heart: Heart, shape_px: int, margin_px: int, rn
     A = MU_SOFT * chord_ellipsoid(S, dirs, [0, 15, 0], I3, [165, 115, np.inf])
     # lungs: the bases form the diaphragm domes below the heart
     lz = hz - 40
+    lung = np.zeros(A.shape, np.float32) if spec.lung_markings > 0 else None
     for cx, cz, semi in ((-88.0, lz + 125, (78, 92, 150)), (92.0, lz + 115, (72, 92, 150))):
-        A -= 0.85 * MU_SOFT * chord_ellipsoid(S, dirs, [cx, 18, cz], I3, semi)
+        ch = chord_ellipsoid(S, dirs, [cx, 18, cz], I3, semi)
+        A -= 0.85 * MU_SOFT * ch
+        if lung is not None:
+            lung += ch
+    if spec.soft_tissue > 0:  # overlapping soft tissue: breast shadows, fat folds, arms
+        for _ in range(spec.soft_tissue):
+            c = [rng_x.uniform(-140, 140), rng_x.uniform(-120, -40), hz + rng_x.uniform(-140, 90)]
+            semi_st = [rng_x.uniform(40, 95), rng_x.uniform(15, 45), rng_x.uniform(35, 80)]
+            A += rng_x.uniform(0.4, 1.0) * MU_SOFT * chord_ellipsoid(S, dirs, c, _rand_rot(rng_x, 0.5), semi_st)
+    if spec.bowel_gas > 0:  # gas in the stomach / colon below the diaphragm: a chain of pockets
+        for _ in range(spec.bowel_gas):
+            c = np.array([rng_x.uniform(-50, 130), rng_x.uniform(-60, 40), lz - rng_x.uniform(45, 130)])
+            d = _rand_unit(rng_x) * [1.0, 0.5, 0.6]
+            for j in range(int(rng_x.integers(1, 6))):
+                q = c + j * rng_x.uniform(14, 26) * d
+                semi_g = [rng_x.uniform(9, 28), rng_x.uniform(8, 22), rng_x.uniform(7, 20)]
+                A -= rng_x.uniform(0.6, 0.95) * MU_SOFT * chord_ellipsoid(S, dirs, q, _rand_rot(rng_x, 3.0), semi_g)
     # heart/mediastinum shadow of great vessels, liver under the right dome
     A += 1.0 * MU_SOFT * chord_ellipsoid(S, dirs, [-12, 10, hz + 80], I3, [38, 45, 90])
     A += 0.9 * MU_SOFT * chord_ellipsoid(S, dirs, [24, 52, 0], I3, [13, 13, np.inf])  # descending aorta
@@ -325,10 +418,15 @@ def _body_background(carm: CArm, heart: Heart, shape_px: int, margin_px: int, rn
     A = box_blur(A.astype(np.float32), max(1, n_lo // 70))  # no sharp phantom edges
     # soft-tissue / lung-marking texture: smooth random fields at two scales
     tex = box_blur(box_blur(rng_bg.standard_normal(A.shape).astype(np.float32), 3), 3)
-    A += (0.06 * rng_bg.uniform(0.5, 1.5) / max(float(tex.std()), 1e-6)) * tex
+    A += (0.06 * rng_bg.uniform(0.5, 1.5) * spec.texture_gain / max(float(tex.std()), 1e-6)) * tex
+    if extras:  # a third, coarser scale (overlapping soft tissue, uneven lung aeration)
+        tex3 = box_blur(box_blur(rng_x.standard_normal(A.shape).astype(np.float32), 7), 7)
+        A += (0.05 * rng_x.uniform(0.3, 1.5) * spec.texture_gain / max(float(tex3.std()), 1e-6)) * tex3
     img = np.asarray(Image.fromarray(A.astype(np.float32), mode="F").resize((shape_px, shape_px), Image.BILINEAR))
     fine = box_blur(rng_bg.standard_normal(img.shape).astype(np.float32), max(1, shape_px // 256))
-    img = img + (0.025 * rng_bg.uniform(0.5, 1.5) / max(float(fine.std()), 1e-6)) * fine
+    img = img + (0.025 * rng_bg.uniform(0.5, 1.5) * spec.fine_gain / max(float(fine.std()), 1e-6)) * fine
+    if lung is not None:
+        img = img + spec.lung_markings * _lung_markings(carm, heart, shape_px, margin_px, lung, rng_x)
     # ribs: curved bony tubes, splatted like vessels
     pts, rad = [], []
     for i in range(13):
@@ -340,13 +438,21 @@ def _body_background(carm: CArm, heart: Heart, shape_px: int, margin_px: int, rn
             z = z_post - 70 * (th / np.pi) ** 1.4
             c = catmull_rom(np.stack([x, y, z], 1)[::4], step=2.0)
             pts.append(c)
-            rad.append(np.full(len(c), 5.0))
+            rad.append(np.full(len(c), 5.0 if spec.rib_cortex <= 0 else float(rng_x.uniform(4.0, 6.5))))
+    rib_curves = list(zip(pts, rad))
     pts = np.vstack(pts)
     rad = np.concatenate(rad)
     cx, cy, mag = carm.project(pts)
     sig, amp = tube_amplitudes(rad, 1.0, 2.0, mag, carm.pixel_mm)
     rib = splat((shape_px, shape_px), cx + margin_px, cy + margin_px, sig, amp)
-    img = img + 0.5 * MU_BONE * rib
+    if spec.rib_cortex <= 0:
+        img = img + 0.5 * MU_BONE * rib
+    else:
+        # hollow ribs: a dense cortical shell seen tangentially at the two silhouette edges
+        # (rays along the shell cross ~2*sqrt(2*R*t) mm of cortex): two thin dense lines
+        # along each rib on top of a lighter (trabecular) core
+        rim = _rib_rims(carm, rib_curves, shape_px, margin_px)
+        img = img + 0.5 * MU_BONE * (rib * np.float32(1.0 - 0.55 * spec.rib_cortex) + np.float32(3.0 * spec.rib_cortex) * rim)
     # ECG electrodes and lead wires on the chest wall (static, very radio-opaque)
     pts, rad = [], []
     for _ in range(int(rng_bg.integers(0, 4))):
@@ -367,6 +473,103 @@ def _body_background(carm: CArm, heart: Heart, shape_px: int, margin_px: int, rn
         amp[big_disc] = 1.2
         img = img + 0.12 * splat((shape_px, shape_px), cx + margin_px, cy + margin_px, sig, amp)
     return img.astype(np.float32)
+
+
+def _box1(a: np.ndarray, axis: int, r: int, wrap: bool = False) -> np.ndarray:
+    """Box blur of radius ``r`` along one axis (edge-replicated or wrapped)."""
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (r + 1, r)
+    c = np.cumsum(np.pad(a, pad, mode="wrap" if wrap else "edge"), axis=axis, dtype=np.float32)
+    n = a.shape[axis]
+    return (np.take(c, np.arange(2 * r + 1, 2 * r + 1 + n), axis=axis) - np.take(c, np.arange(n), axis=axis)) / (2 * r + 1)
+
+
+def _rand_unit(rng: np.random.Generator) -> np.ndarray:
+    v = rng.standard_normal(3)
+    return v / max(float(np.linalg.norm(v)), 1e-9)
+
+
+def _rand_rot(rng: np.random.Generator, spread: float) -> np.ndarray:
+    """A random rotation matrix (rows = axes), angles ~ N(0, spread) rad about random axes."""
+    k = _rand_unit(rng)
+    a = float(rng.normal(0, spread))
+    K = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    return np.eye(3) + np.sin(a) * K + (1 - np.cos(a)) * (K @ K)
+
+
+def _rib_rims(carm: CArm, curves: list, shape_px: int, margin_px: int) -> np.ndarray:
+    """Line integrals (mm, in units of the solid-rib splat) of the cortical shells of ribs
+    (``curves``: [(centreline (n,3), radius (n,))]): thin lines at the silhouette edges."""
+    step = 0.6
+    fine = [resample(c, step) for c, _ in curves]
+    pts = np.vstack(fine)
+    rad = np.concatenate([np.full(len(f), r[0]) for f, (_, r) in zip(fine, curves)])
+    tan = np.vstack([np.gradient(f, axis=0) for f in fine])
+    # the cortex is uneven along a rib: slow random-looking modulation (deterministic)
+    mod = 0.75 + 0.25 * np.sin(pts[:, 0] * 0.05 + pts[:, 2] * 0.08) * np.sin(pts[:, 2] * 0.031 - pts[:, 1] * 0.04)
+    tan /= np.linalg.norm(tan, axis=1, keepdims=True) + 1e-9
+    ray = pts - carm.source
+    ray /= np.linalg.norm(ray, axis=1, keepdims=True)
+    nrm = np.cross(tan, ray)
+    nrm /= np.linalg.norm(nrm, axis=1, keepdims=True) + 1e-9
+    r_c = 0.9  # mm: blur of the rim (cortex ~1 mm, rib edges not perfectly round)
+    out = None
+    for sgn in (-1.0, 1.0):
+        q = pts + sgn * (rad[:, None] - r_c) * nrm
+        cx, cy, mag = carm.project(q)
+        # peak ~ 2*sqrt(2*R*1mm) mm of cortex, denser than the trabecular core (x1.8)
+        conc = mod * 1.8 * 2.0 * np.sqrt(2.0 * rad) / (2.0 * r_c)
+        sig, amp = tube_amplitudes(np.full(len(q), r_c), conc, step, mag, carm.pixel_mm)
+        o = splat((shape_px, shape_px), cx + margin_px, cy + margin_px, sig, amp)
+        out = o if out is None else out + o
+    return out
+
+
+def _lung_markings(carm: CArm, heart: Heart, shape_px: int, margin_px: int, lung_lo: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Lung markings on the canvas: thin vessel-like streaks radiating from the two hila
+    (zero crossings of noise that is smooth along the radius and rough across it, a
+    branching network of lines), thinner and fainter towards the periphery, only over the
+    lungs.  Computed at half resolution; unit peak."""
+    m = max(16, shape_px // 2)
+    hz = heart.center[2]
+    hila = np.array([[-48.0, 15.0, hz + 45.0], [52.0, 15.0, hz + 40.0]]) + rng.normal(0, 6, (2, 3))
+    hx, hy, _ = carm.project(hila)
+    hx = (hx + margin_px + 0.5) / 2.0 - 0.5  # half-resolution canvas pixels
+    hy = (hy + margin_px + 0.5) / 2.0 - 0.5
+    px_mm = 2.0 * carm.pixel_mm_iso  # mm (at the isocentre) per half-res pixel
+    jj, ii = np.meshgrid(np.arange(m, dtype=np.float32), np.arange(m, dtype=np.float32))
+    out = np.zeros((m, m), np.float32)
+    # log-polar noise grid (angle x log radius): streaks ~5x longer than wide at every
+    # distance from the hilum; 0.25 deg x 1.6% of the radius, 5 mm .. 300 mm
+    n_th, n_r, lr0, lr1 = 1440, 256, np.log(5.0), np.log(300.0)
+    for k in range(2):
+        dx, dy = jj - np.float32(hx[k]), ii - np.float32(hy[k])
+        r_mm = np.maximum(np.hypot(dx, dy) * np.float32(px_mm), np.float32(5.0))
+        th = np.arctan2(dy, dx)
+        P = rng.standard_normal((n_th, n_r)).astype(np.float32)
+        P = _box1(_box1(P, 0, 5, wrap=True), 0, 5, wrap=True)  # across: ~3 deg
+        P = _box1(_box1(P, 1, 7), 1, 7)  # along: ~25% of the radius
+        P /= max(float(P.std()), 1e-6)
+        P = np.pad(P, ((0, 1), (0, 1)), mode="wrap")
+        ft = (th + np.float32(np.pi)) * np.float32(n_th / (2 * np.pi))
+        fr = (np.log(r_mm) - np.float32(lr0)) * np.float32((n_r - 1) / (lr1 - lr0))
+        fr = np.clip(fr, 0, n_r - 1.001)
+        t0, r0 = np.minimum(ft.astype(np.int32), n_th - 1), fr.astype(np.int32)
+        at, ar = ft - t0, fr - r0
+        v = (P[t0, r0] * (1 - at) + P[t0 + 1, r0] * at) * (1 - ar) + (P[t0, r0 + 1] * (1 - at) + P[t0 + 1, r0 + 1] * at) * ar
+        # zero crossings -> lines; width ~ w x 2.7 deg x r: ~2 mm 40 mm from the hilum, ~1 mm at 150 mm
+        w = np.minimum(np.float32(0.7) * (np.float32(40.0) / r_mm) ** np.float32(0.9), np.float32(0.7))
+        lines = np.exp(-((v / w) ** 2)) * np.exp(-r_mm / np.float32(rng.uniform(70, 120)))
+        # each hilum feeds its own lung: fade across the bisector between the two hila
+        o = 1 - k
+        ax_, ay_ = hx[k] - hx[o], hy[k] - hy[o]
+        side = ((jj - np.float32(0.5 * (hx[0] + hx[1]))) * ax_ + (ii - np.float32(0.5 * (hy[0] + hy[1]))) * ay_) / max(np.hypot(ax_, ay_), 1e-6)
+        out += lines * _smoothstep((r_mm - 12.0) / 20.0) * _smoothstep(side / 20.0 + 0.5)
+        out += np.float32(0.5) * np.exp(-((r_mm / np.float32(20.0)) ** 2))  # the hilar vessels themselves
+    lung = np.asarray(Image.fromarray(lung_lo.astype(np.float32)).resize((m, m), Image.BILINEAR))
+    lung = np.clip(lung / max(float(np.percentile(lung, 99)), 1e-6), 0, 1)
+    out = out * lung
+    return np.asarray(Image.fromarray(out).resize((shape_px, shape_px), Image.BILINEAR))
 
 
 def _device_path(tree: Tree, spec: RunSpec, heart: Heart, ost_local: np.ndarray, step: float):
@@ -464,10 +667,13 @@ def concentration(vs: _VesselSet, spec: RunSpec, t: float) -> np.ndarray:
     return c_in * c_out * vs.filled
 
 
-def frame_label(side: str, fill: float, cmax: float, contrast: float, shake: float) -> str:
+def frame_label(side: str, fill: float, cmax: float, contrast: float, shake: float, min_contrast: float = 0.6) -> str:
+    """``_other`` without contrast in the tree; ``_better`` when >= 85% of the tree is
+    opacified at a normal iodine strength (``contrast >= min_contrast``: the spec's
+    ``better_contrast``, 0.6 narrow / 0.4 wide) without motion; else ``_bad``."""
     if cmax < 0.08:
         return f"{side}_other"
-    if fill >= 0.85 and contrast >= 0.6 and shake < 1.0:
+    if fill >= 0.85 and contrast >= min_contrast and shake < 1.0:
         return f"{side}_better"
     return f"{side}_bad"
 
@@ -486,7 +692,7 @@ def run_labels(anatomy: Anatomy, lesions: list[Lesion], spec: RunSpec) -> tuple[
         cmax = float(conc.max()) if len(conc) else 0.0
         fills.append(fill)
         cmaxs.append(cmax)
-        labels.append(frame_label(spec.side, fill, cmax, spec.contrast, spec.shake[f] if spec.shake else 0.0))
+        labels.append(frame_label(spec.side, fill, cmax, spec.contrast, spec.shake[f] if spec.shake else 0.0, spec.better_contrast))
     return labels, fills, cmaxs
 
 
@@ -518,7 +724,7 @@ def render_frames(
     pans = [(int(np.clip(dx, -pmax, pmax)), int(np.clip(dy, -pmax, pmax))) for dx, dy in (spec.pan or [(0, 0)] * spec.n_frames)]
 
     # static background on the canvas (full res), heart shadow per frame at low res
-    bg = _body_background(carm, heart, N, M, np.random.default_rng(rng.integers(2**32)))
+    bg = _body_background(carm, heart, N, M, np.random.default_rng(rng.integers(2**32)), spec)
     n_lo = max(32, N // 4)
     big = _scaled(carm, N, n_lo)
     S_lo, dirs_lo = big.rays(n_lo)
@@ -535,6 +741,8 @@ def render_frames(
     wire_step = step
     if spec.device:
         wire, wire_r, wire_c = _device_path(anatomy.tree(spec.side), spec, heart, ost_local, wire_step)
+    # implanted hardware (sternal wires, clips, pacing lead): static, from its own seed
+    hw_layer = hardware_layer(anatomy, carm, N, M, spec.blur * n / 512)
     ao = heart.to_patient(heart.ao_local)
     reflux_pts = ao + np.random.default_rng(rng.integers(2**32)).normal(0, 5.0, (6, 3)) + 0.4 * (ost - ao)
     visible = (vs.radius >= 0.45) & vs.filled  # occluded (never-filling) parts do not count
@@ -601,7 +809,7 @@ def render_frames(
         cmax = float(conc.max()) if len(conc) else 0.0
         fills.append(fill)
         cmaxs.append(cmax)
-        labels.append(frame_label(spec.side, fill, cmax, spec.contrast, spec.shake[f] if spec.shake else 0.0))
+        labels.append(frame_label(spec.side, fill, cmax, spec.contrast, spec.shake[f] if spec.shake else 0.0, spec.better_contrast))
 
         kq = round(k * 20) / 20
         if kq not in heart_cache:
@@ -632,6 +840,8 @@ def render_frames(
             cx, cy, mag = carm.project(reflux_pts + shift)
             sig = np.full(len(cx), 14.0 * n / 512)
             iod += splat((N, N), cx + M, cy + M, sig, np.full(len(cx), spec.reflux * inj * spec.contrast * 0.35))
+        if hw_layer is not None:
+            iod += hw_layer
         dx, dy = pans[f]
         sl = (slice(M - dy, M - dy + n), slice(M - dx, M - dx + n))
         if lo is None:
@@ -680,8 +890,124 @@ def render_frames(
         "cmax": [round(x, 3) for x in cmaxs],
         "cardiac_k": [round(float(x), 3) for x in ks],
         "spec": spec.to_dict(),
+        "anatomy": json_params(anatomy),
     }
     return frames, labels, meta
+
+
+def json_params(anatomy: Anatomy) -> dict:
+    """The anatomy's randomisation parameters (vessel scale, tortuosity, hardware), a copy."""
+    p = dict(anatomy.params)
+    p["hardware"] = dict(anatomy.hardware)
+    return p
+
+
+# ----------------------------------------------------------------------------- hardware
+
+STEEL = 7.0  # iodine-equivalent strength of stainless steel (sternal wires, clips)
+
+
+def hardware_geometry(anatomy: Anatomy) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, float]]:
+    """Implanted hardware of a patient as tubes: [(points (n,3) patient mm, radius (n,),
+    strength (n,), step mm)], from ``anatomy.hardware`` (counts and a seed: the same
+    geometry in every run of the patient)."""
+    hw = anatomy.hardware
+    if not (hw.get("sternal_wires") or hw.get("clips") or hw.get("lead")):
+        return []
+    rng = np.random.default_rng([int(hw.get("seed", 0)), 1729])
+    heart = anatomy.heart
+    hz = float(heart.center[2])
+    ao = heart.to_patient(heart.ao_local)
+    out = []
+    step = 0.3
+    n_w = int(hw.get("sternal_wires") or 0)
+    if n_w:  # sternotomy wires: loops round the two sternal halves, twisted at the front
+        zs = np.linspace(hz + 118, hz - 45, n_w) + rng.normal(0, 4, n_w)
+        x0 = rng.normal(0, 3)
+        for z in zs:
+            loops = 2 if rng.random() < 0.3 else 1  # figure-of-eight in some
+            for j in range(loops):
+                a, b = rng.uniform(9, 14), rng.uniform(5, 8)
+                tilt = np.deg2rad(rng.uniform(15, 60)) * (1 if j == 0 else -1)
+                u = np.linspace(0, 2 * np.pi, int(2 * np.pi * a / step) + 1)
+                loc = np.stack([a * np.cos(u), b * np.sin(u), np.zeros_like(u)], 1)
+                c, sn = np.cos(tilt), np.sin(tilt)
+                loc = loc @ np.array([[1, 0, 0], [0, c, sn], [0, -sn, c]])  # about the x axis
+                ctr = np.array([x0 + rng.normal(0, 1.5), -118.0 + rng.normal(0, 1.5), z + (j - 0.5 * (loops - 1)) * 9])
+                pts = ctr + loc
+                out.append((pts, np.full(len(pts), 0.45), np.full(len(pts), STEEL), step))
+            # the twisted ends: two strands wound round each other, pointing anterior-lateral
+            p0 = ctr + np.array([rng.normal(0, 3), -b, 0.0])
+            d = np.array([rng.choice([-1.0, 1.0]) * rng.uniform(0.3, 1.0), -rng.uniform(0.3, 0.8), rng.uniform(-0.4, 0.4)])
+            d /= np.linalg.norm(d)
+            e1 = np.cross(d, [0.0, 0.0, 1.0])
+            e1 /= np.linalg.norm(e1) + 1e-9
+            e2 = np.cross(d, e1)
+            t = np.arange(0, rng.uniform(6, 11), step / 2)[:, None]
+            for ph in (0.0, np.pi):
+                w = 2 * np.pi * t / 1.8 + ph
+                pts = p0 + d * t + 0.5 * (np.cos(w) * e1 + np.sin(w) * e2)
+                out.append((pts, np.full(len(pts), 0.45), np.full(len(pts), STEEL), step / 2))
+    n_c = int(hw.get("clips") or 0)
+    if n_c:  # surgical clips: along the internal mammary (LIMA) bed, or round the heart
+        top = np.array([38.0, -105.0, hz + 150])
+        lad = heart.to_patient(heart.surf(0.35 * heart.L, heart.phi_aiv, 4.0))
+        for _ in range(n_c):
+            if rng.random() < 0.6:
+                c = top + rng.uniform(0, 1) * (lad - top) + rng.normal(0, 4, 3)
+            else:
+                c = heart.to_patient(heart.surf(rng.uniform(-5, 0.6 * heart.L), rng.uniform(0, 360), 5.0))
+            e = _rand_unit(rng)
+            f = np.cross(e, _rand_unit(rng))
+            f /= np.linalg.norm(f) + 1e-9
+            half = np.deg2rad(rng.uniform(2, 12))
+            length = rng.uniform(4.5, 7.5)
+            t = np.arange(0, length, 0.2)[:, None]
+            r_c = rng.uniform(0.3, 0.4)
+            for sg in (-1, 1):  # the two jaws of a V-shaped clip, joined at the hinge
+                leg = c + t * (np.cos(half) * e + sg * np.sin(half) * f)
+                out.append((leg, np.full(len(leg), r_c), np.full(len(leg), STEEL), 0.2))
+    lead = hw.get("lead") or ""
+    if lead:  # transvenous lead: left subclavian -> SVC -> RA -> RV apex (and an RA lead)
+        tip = heart.to_patient(heart.surf(0.82 * heart.L, heart.phi_aiv - 35 + rng.normal(0, 8), -10.0))
+        rv_mid = heart.to_patient(heart.surf(0.45 * heart.L, heart.phi_aiv - 75, -16.0))
+        tric = heart.to_patient(heart.surf(2.0, heart.phi_aiv - 115, -16.0))
+        j = lambda s=4.0: rng.normal(0, s, 3)  # noqa: E731
+        venous = [ao + np.array([125, -35, 160]), ao + np.array([70, -18, 128]) + j(), ao + np.array([15, -5, 105]) + j(),
+                  ao + np.array([-28, 0, 70]) + j(), ao + np.array([-34, 5, 25]) + j()]
+        ra = ao + np.array([-42, 12, -12]) + j()
+        leads = [(venous + [ra, tric, rv_mid, tip], "rv")]
+        if rng.random() < 0.5:  # dual chamber: a J-shaped atrial lead into the RA appendage
+            leads.append((venous[:-1] + [ao + np.array([-38, 8, -28]) + j(), ao + np.array([-30, -18, -5]) + j(2),
+                                         ao + np.array([-24, -24, 6]) + j(2)], "ra"))
+        for ctrl, kind in leads:
+            pts = catmull_rom(np.asarray(ctrl), step=0.5)
+            s = np.arange(len(pts))[::-1] * 0.5  # distance from the tip
+            r = np.full(len(pts), 0.9)
+            c = np.full(len(pts), 2.2)
+            if lead == "icd" and kind == "rv":  # shock coils: RV and SVC
+                for lo, hi in ((12.0, 62.0), (150.0, 210.0)):
+                    m = (s > lo) & (s < hi)
+                    r[m], c[m] = 1.3, 4.5
+            tipm = s < 6.0
+            r[tipm], c[tipm] = 1.2, 5.0
+            out.append((pts, r, c, 0.5))
+    return out
+
+
+def hardware_layer(anatomy: Anatomy, carm: CArm, canvas: int, margin: int, blur_px: float) -> Optional[np.ndarray]:
+    """The static hardware of ``anatomy`` splatted on the (canvas x canvas) image in iodine
+    units (added to the iodine image every frame), or None without hardware."""
+    geo = hardware_geometry(anatomy)
+    if not geo:
+        return None
+    pts = np.vstack([g[0] for g in geo])
+    rad = np.concatenate([g[1] for g in geo])
+    conc = np.concatenate([g[2] for g in geo])
+    stp = np.concatenate([np.full(len(g[0]), g[3]) for g in geo])
+    cx, cy, mag = carm.project(pts)
+    sig, amp = tube_amplitudes(rad, conc, stp, mag, carm.pixel_mm, min_sigma=0.45, blur=blur_px)
+    return splat((canvas, canvas), cx + margin, cy + margin, sig, amp)
 
 
 def _finish_high(D: np.ndarray, spec: RunSpec, f: int, n: int, vmax: float) -> np.ndarray:
@@ -713,15 +1039,18 @@ def render_run(
     quality: str | None = None,
     spec: RunSpec | None = None,
     bits: int = 8,
+    domain: str = "wide",
 ) -> tuple[np.ndarray, list[str], dict]:
     """Fast in-memory API: one synthetic run without DICOM I/O.
 
     Returns ``(frames uint8 (n_frames, size, size), frame_labels, meta)``; labels are
     names from ``inference.types.CLASS_NAMES``; meta has the view, per-frame fill, the
-    side, lesions and the run spec.  Deterministic for an integer seed."""
+    side, lesions, the run spec and the anatomy's randomisation.  Deterministic for an
+    integer seed.  ``domain``: "wide" (domain randomisation, default) or "narrow" (the
+    original generator)."""
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     if anatomy is None:
-        anatomy = sample_anatomy(rng)
+        anatomy = sample_anatomy(rng, domain=domain)
         if lesions is None:
             from .lesions import sample_lesions
 
@@ -730,7 +1059,7 @@ def render_run(
     if side is None:
         side = "LCA" if rng.random() < 0.6 else "RCA"
     if spec is None:
-        spec = sample_run_spec(rng, side, size=size, n_frames=n_frames, view=view, quality=quality)
+        spec = sample_run_spec(rng, side, size=size, n_frames=n_frames, view=view, quality=quality, domain=domain)
     frames, labels, meta = render_frames(anatomy, lesions, spec, rng, bits=bits)
     assert all(lab in CLASS_NAMES for lab in labels)
     meta["side"] = side
