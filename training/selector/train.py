@@ -97,7 +97,7 @@ class Augment:
     - ``sim2real+trivialaugment``: TrivialAugmentWide on half of the frames, then ``sim2real``.
     """
 
-    def __init__(self, kind: str, mean: float = 0.5, std: float = 0.25, seed: int = 0):
+    def __init__(self, kind: str, seed: int = 0):
         if kind not in AUGMENTATIONS and kind != "":
             raise ValueError(f"unknown augmentation {kind!r} ({' | '.join(AUGMENTATIONS)})")
         self.kind = kind or "none"
@@ -366,7 +366,7 @@ def train(cfg: TrainConfig) -> dict:
 
     counts = np.bincount(tr.y, minlength=len(CLASS_NAMES)).astype(np.float64)
     w = sampling_weights(tr, cfg.balance)
-    aug = Augment(cfg.augment, cfg.mean, cfg.std, seed=cfg.seed + step)
+    aug = Augment(cfg.augment, seed=cfg.seed + step)
     spec = cfg.spec()
     swap = BackgroundSwap(tr, cfg.bg_swap, seed=cfg.seed + step + 1)
     eval_every = cfg.eval_every or steps_per_epoch
