@@ -378,8 +378,12 @@ def main_evaluate(args) -> int:
             from training.selector.saliency import save_saliency
 
             rows = read_labels_csv(labels)
+            # the evaluation's own choice of side and key frame: no run is scored twice
+            picks = [(pr["predicted"], pr["key_frames"][0]) if pr["predicted"] and pr["key_frames"] else None
+                     for pr in m["per_run"]]
             m["saliency"] = save_saliency(args.bundle, [r["path"] for r in rows], sal_dir,
-                                          truths=[r["laterality"] for r in rows], threads=args.threads)
+                                          truths=[r["laterality"] for r in rows], threads=args.threads,
+                                          picks=picks)
         print(json.dumps(m, indent=2) if args.json else format_labelled_metrics(m))
         return 0
     if not getattr(args, "data", None):

@@ -78,10 +78,12 @@ def overlay(frame: np.ndarray, sal: np.ndarray, size: int = 256) -> np.ndarray:
 
 def save_saliency(bundle: Any, files: Iterable[str | Path], out_dir: str | Path, *,
                   truths: Optional[Sequence[Optional[str]]] = None, threads: int = 2,
-                  size: int = 256) -> list[dict]:
+                  size: int = 256, picks: Optional[Sequence[Optional[tuple[str, int]]]] = None) -> list[dict]:
     """For each run: its top key frame (as the node picks it) with the occlusion saliency of the
     side the model names, written as ``OUT/<stem>.png``; and a contact sheet ``OUT/sheet.png``.
-    Returns one row per file (file, side, confidence, truth, frame, png)."""
+    Returns one row per file (file, side, confidence, truth, frame, png).  ``picks``: the
+    (side, key frame number) the selector already chose for each file (e.g. by an evaluation),
+    so the runs are not scored again; ``None`` entries are scored here."""
     from PIL import Image, ImageDraw
 
     from inference.frames import open_run
@@ -92,17 +94,20 @@ def save_saliency(bundle: Any, files: Iterable[str | Path], out_dir: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     files = [Path(f) for f in files]
     truths = list(truths) if truths is not None else [None] * len(files)
+    picks = list(picks) if picks is not None else [None] * len(files)
     rows, tiles = [], []
-    for f, truth in zip(files, truths):
+    for f, truth, pick in zip(files, truths, picks):
         try:
-            rs = sel.select_run(f)
-            fn = rs.key_frames[0].frame_number if rs.key_frames else 1
+            if pick is None:
+                rs = sel.select_run(f)
+                pick = (rs.laterality, rs.key_frames[0].frame_number if rs.key_frames else 1)
+            side0, fn = pick
             frame = open_run(f).frame(fn)
         except Exception as exc:  # one unreadable run does not stop the rest
             log.warning("saliency: %s: %s", f.name, exc)
             rows.append({"file": str(f), "error": str(exc)})
             continue
-        sal, side, p = occlusion_map(sel, frame, rs.laterality)
+        sal, side, p = occlusion_map(sel, frame, side0)
         img = Image.fromarray(overlay(frame, sal, size))
         txt = f"{side} {p:.2f}" + (f" (truth {truth})" if truth else "")
         ImageDraw.Draw(img).text((4, 4), txt, fill=(255, 255, 0) if truth in (None, side) else (255, 64, 64))
