@@ -66,6 +66,88 @@ class RunSelection:
         return d
 
 
+#: AHA segment -> (side, territory vessel, English name, Japanese name).  Segments 1-15 of the
+#: AHA classification (Austen 1975) as used in Japanese cath-lab reports; the lesion model, the
+#: templated report and the SR's finding sites all use this table.
+SEGMENTS: dict[int, tuple[str, str, str, str]] = {
+    1: ("RCA", "RCA", "proximal RCA", "RCA近位部"),
+    2: ("RCA", "RCA", "mid RCA", "RCA中間部"),
+    3: ("RCA", "RCA", "distal RCA", "RCA遠位部"),
+    4: ("RCA", "RCA", "posterior descending artery", "後下行枝"),
+    5: ("LCA", "LM", "left main", "左主幹部"),
+    6: ("LCA", "LAD", "proximal LAD", "LAD近位部"),
+    7: ("LCA", "LAD", "mid LAD", "LAD中間部"),
+    8: ("LCA", "LAD", "distal LAD", "LAD遠位部"),
+    9: ("LCA", "LAD", "first diagonal branch", "第1対角枝"),
+    10: ("LCA", "LAD", "second diagonal branch", "第2対角枝"),
+    11: ("LCA", "LCx", "proximal LCx", "LCx近位部"),
+    12: ("LCA", "LCx", "obtuse marginal branch", "鈍縁枝"),
+    13: ("LCA", "LCx", "distal LCx", "LCx遠位部"),
+    14: ("LCA", "LCx", "posterolateral branch", "後側壁枝"),
+    15: ("LCA", "LCx", "posterior descending branch of the LCx", "LCx後下行枝"),
+}
+
+#: The Japanese AHA % diameter stenosis grades a report uses (100 = total occlusion).
+GRADES: tuple[int, ...] = (25, 50, 75, 90, 99, 100)
+
+
+def grade_of(stenosis_pct: float) -> int:
+    """The AHA grade a measured % diameter stenosis is reported as (the nearest grade)."""
+    return min(GRADES, key=lambda g: (abs(g - float(stenosis_pct)), g))
+
+
+@dataclass
+class LesionFinding:
+    """One stenosis the lesion model saw on one key frame of one run.
+
+    Coordinates follow DICOM SCOORD image-relative convention on the *stored* frame
+    (the run's Columns x Rows): ``x`` is the column, ``y`` the row, (0.0, 0.0) is the
+    top-left corner of the top-left pixel, so the centre of pixel (c, r) is (c + 0.5, r + 0.5).
+    ``polyline`` (same convention) follows the vessel centreline through the lesion, when known.
+    """
+
+    sop_instance_uid: str  # the run (multi-frame instance) it was seen on
+    frame_number: int  # 1-based frame of that run
+    segment: int  # AHA segment 1-15
+    stenosis_pct: float  # % diameter stenosis, QCA style (100 = occlusion)
+    x: float
+    y: float
+    confidence: float = 0.0
+    polyline: list[tuple[float, float]] = field(default_factory=list)
+    reference_diameter_px: Optional[float] = None
+    minimal_diameter_px: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if self.segment not in SEGMENTS:
+            raise ValueError(f"LesionFinding.segment must be an AHA segment 1-15, got {self.segment}")
+        if self.frame_number < 1:
+            raise ValueError(f"LesionFinding.frame_number must be 1-based, got {self.frame_number}")
+        if not 0.0 <= float(self.stenosis_pct) <= 100.0:
+            raise ValueError(f"LesionFinding.stenosis_pct must be 0-100, got {self.stenosis_pct}")
+
+    @property
+    def side(self) -> str:
+        return SEGMENTS[self.segment][0]
+
+    @property
+    def vessel(self) -> str:
+        return SEGMENTS[self.segment][1]
+
+    @property
+    def grade(self) -> int:
+        return grade_of(self.stenosis_pct)
+
+    def finding(self) -> dict:
+        """The report-level finding (the shape training.synthetic uses): vessel, segment, severity, side."""
+        return {"vessel": self.vessel, "segment": self.segment, "severity": self.grade, "side": self.side}
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(side=self.side, vessel=self.vessel, grade=self.grade)
+        d["polyline"] = [list(p) for p in self.polyline]
+        return d
+
+
 @dataclass
 class ReportText:
     """One language's report.  ``format_ok`` is False when the model ignored the template
@@ -107,6 +189,8 @@ class StudyResult:
     not_analysed: list[dict] = field(default_factory=list)  # {sop_instance_uid, reason}
     # What the language drafts disagree on (inference.vlm.findings.language_discrepancies).
     discrepancies: list[str] = field(default_factory=list)
+    # What the lesion model saw on the key frames (empty when the bundle has no lesion model).
+    lesions: list[LesionFinding] = field(default_factory=list)
 
     @property
     def lateralities(self) -> list[str]:
@@ -120,4 +204,5 @@ class StudyResult:
             "model": self.model.to_dict(),
             "not_analysed": list(self.not_analysed),
             "discrepancies": list(self.discrepancies),
+            "lesions": [l.to_dict() for l in self.lesions],
         }

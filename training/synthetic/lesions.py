@@ -12,24 +12,7 @@ import numpy as np
 
 from .anatomy import STEP_MM, Anatomy, Tree, segment_location
 
-#: segment -> (side, territory vessel, English name, Japanese name)
-SEGMENTS: dict[int, tuple[str, str, str, str]] = {
-    1: ("RCA", "RCA", "proximal RCA", "RCA近位部"),
-    2: ("RCA", "RCA", "mid RCA", "RCA中間部"),
-    3: ("RCA", "RCA", "distal RCA", "RCA遠位部"),
-    4: ("RCA", "RCA", "posterior descending artery", "後下行枝"),
-    5: ("LCA", "LM", "left main", "左主幹部"),
-    6: ("LCA", "LAD", "proximal LAD", "LAD近位部"),
-    7: ("LCA", "LAD", "mid LAD", "LAD中間部"),
-    8: ("LCA", "LAD", "distal LAD", "LAD遠位部"),
-    9: ("LCA", "LAD", "first diagonal branch", "第1対角枝"),
-    10: ("LCA", "LAD", "second diagonal branch", "第2対角枝"),
-    11: ("LCA", "LCx", "proximal LCx", "LCx近位部"),
-    12: ("LCA", "LCx", "obtuse marginal branch", "鈍縁枝"),
-    13: ("LCA", "LCx", "distal LCx", "LCx遠位部"),
-    14: ("LCA", "LCx", "posterolateral branch", "後側壁枝"),
-    15: ("LCA", "LCx", "posterior descending branch of the LCx", "LCx後下行枝"),
-}
+from inference.types import SEGMENTS  # noqa: E402  (segment -> side, vessel, EN, JA)
 
 SEVERITIES = (50, 75, 90, 99, 100)
 
