@@ -7,6 +7,7 @@ Layout::
       selector.onnx          # the ConvNeXt selector (ONNX, dynamic batch axis)
       vlm/                   # a transformers model dir (save_pretrained + processor/tokenizer)
       vlm/adapter/           # optional LoRA adapter (peft), when not merged
+      lesions.onnx           # optional lesion model (vessel / segment / stenosis maps)
 
 The manifest is loaded and checked at start-up: files exist, SHA-256 hashes
 match, class names are the six the node understands.  The Device UID (IHE AI
@@ -73,6 +74,27 @@ class VLMSpec(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
 
 
+class LesionSpec(BaseModel):
+    """The lesion model: a fully convolutional network whose one output ``maps`` (N, C, S, S)
+    holds the dense heads named in ``heads`` (name, channels), in order."""
+
+    model_config = ConfigDict(extra="allow")
+    file: str = "lesions.onnx"
+    arch: str = "unet_tiny"
+    heads: list[tuple[str, int]] = Field(
+        default_factory=lambda: [("vessel", 1), ("segment", 17), ("heatmap", 1), ("severity", 1)])
+    preprocessing: Preprocessing = Field(default_factory=lambda: Preprocessing(input_size=256, normalize="flatfield"))
+    # post-processing: a lesion is a heatmap peak >= peak_threshold, peaks at least
+    # min_distance (model pixels) apart; vessel pixels are those with P(vessel) >= vessel_threshold
+    peak_threshold: float = 0.3
+    min_distance: int = 6
+    vessel_threshold: float = 0.5
+    sha256: Optional[str] = None
+    version: str = "0"
+    training: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str = "cag-vlm"
@@ -82,6 +104,7 @@ class Manifest(BaseModel):
     description: str = ""
     selector: Optional[SelectorSpec] = None
     vlm: Optional[VLMSpec] = None
+    lesions: Optional[LesionSpec] = None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -120,6 +143,11 @@ class Bundle:
         return (self.root / v.path) if v else None
 
     @property
+    def lesions_path(self) -> Optional[Path]:
+        s = self.manifest.lesions
+        return (self.root / s.file) if s else None
+
+    @property
     def adapter_path(self) -> Optional[Path]:
         v = self.manifest.vlm
         return (self.root / v.adapter) if (v and v.adapter) else None
@@ -133,6 +161,8 @@ class Bundle:
             parts.append(self.manifest.selector.sha256 or "")
         if self.manifest.vlm:
             parts.append(self.manifest.vlm.sha256 or "")
+        if self.manifest.lesions:  # bundles without a lesion model keep their Device UID
+            parts.append("lesions:" + (self.manifest.lesions.sha256 or ""))
         digest = hashlib.sha256("|".join(parts).encode()).digest()[:16]
         return _UID_ROOT + str(uuid.UUID(bytes=digest).int)
 
@@ -146,6 +176,7 @@ class Bundle:
             vlm=f"{m.vlm.family} {m.vlm.version}" if m.vlm else "",
             adapter=m.vlm.adapter or "" if m.vlm else "",
             synthetic_demo=m.synthetic_demo,
+            lesions=f"{m.lesions.arch} {m.lesions.version}" if m.lesions else "",
         )
 
     # -- load / save --------------------------------------------------------
@@ -175,6 +206,13 @@ class Bundle:
                 raise BundleError(f"bundle {self.root}: selector.classes must be {list(CLASS_NAMES)}, got {s.classes}")
             if s.sha256 and sha256_file(p) != s.sha256:
                 raise BundleError(f"bundle {self.root}: {s.file} does not match its manifest sha256")
+        les = self.manifest.lesions
+        if les is not None:
+            p = self.lesions_path
+            if not p.is_file():
+                raise BundleError(f"bundle {self.root}: lesion model file {les.file} missing")
+            if les.sha256 and sha256_file(p) != les.sha256:
+                raise BundleError(f"bundle {self.root}: {les.file} does not match its manifest sha256")
         v = self.manifest.vlm
         if v is not None:
             p = self.vlm_path

@@ -173,6 +173,7 @@ class ModelInfo:
     vlm: str = ""
     adapter: str = ""
     synthetic_demo: bool = False  # a demo bundle trained on synthetic data
+    lesions: str = ""  # the lesion model (arch version), when the bundle has one
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -97,7 +97,10 @@ class Augment:
     - ``sim2real+trivialaugment``: TrivialAugmentWide on half of the frames, then ``sim2real``.
     """
 
-    def __init__(self, kind: str, seed: int = 0):
+    def __init__(self, kind: str, seed: int = 0, geometric: bool = True):
+        """``geometric=False``: photometric only (no zoom, rotation, shift or shutters), for
+        models whose per-pixel targets must stay aligned with the frame (the lesion model)."""
+        self.geometric = bool(geometric)
         if kind not in AUGMENTATIONS and kind != "":
             raise ValueError(f"unknown augmentation {kind!r} ({' | '.join(AUGMENTATIONS)})")
         self.kind = kind or "none"
@@ -147,7 +150,7 @@ class Augment:
 
         rng = self.rng
         s = x.shape[-1]
-        if rng.random() < 0.8:  # geometry: zoom in more often than out, rotate, shift
+        if self.geometric and rng.random() < 0.8:  # geometry: zoom in more often than out, rotate, shift
             zoom = float(np.exp(rng.uniform(np.log(0.85), np.log(1.6))))
             ang = np.deg2rad(rng.uniform(-15, 15))
             tx, ty = rng.uniform(-0.1, 0.1, 2) * s
@@ -180,7 +183,7 @@ class Augment:
             Image.fromarray(x8).save(buf, format="JPEG", quality=int(rng.integers(25, 92)))
             x8 = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("L"))
         x = x8.astype(np.float32) / 255
-        if rng.random() < 0.15:  # a shutter blade or a round field
+        if self.geometric and rng.random() < 0.15:  # a shutter blade or a round field
             yy, xx = np.mgrid[0:s, 0:s]
             if rng.random() < 0.5:
                 r = rng.uniform(0.45, 0.6) * s

@@ -1,0 +1,159 @@
+"""Evaluate a bundle's lesion model on a synthetic set with targets (as deployed: ONNX Runtime on
+the frames the node decodes from the DICOM runs).
+
+Per target frame the model's maps and lesions are compared with the generator's truth:
+
+* ``vessel_dice``: Dice of the thresholded vessel map and the true lumen mask (model grid);
+* ``segment_pixel_accuracy``: AHA segment of true numbered-vessel pixels the model also calls
+  vessel;
+* a predicted lesion *matches* a visible true lesion when it lies within ``match_px`` stored
+  pixels of its centre (greedy, strongest prediction first);
+* ``lesion_sensitivity``: matched share of the visible true lesions >= 75 % (significant);
+  ``lesion_sensitivity_all``: the same over all visible lesions (>= 50 %);
+* ``false_positives_per_frame``: predictions matching no visible true lesion, per frame;
+* ``segment_accuracy``: matched lesions whose AHA segment is right;
+* ``severity_within_one_grade``: matched lesions whose grade (50/75/90/99/100) is at most one
+  step from the truth; ``severity_exact`` the same at zero steps; ``severity_mae_pct``;
+* ``qca_within_one_grade``: the same for the vessel-mask QCA estimate (1 - MLD / RD);
+* ``latency_ms_per_frame``: the model and post-processing on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+GRADE_STEPS = (50, 75, 90, 99, 100)
+
+
+def _grade_index(pct: float) -> int:
+    return int(np.argmin([abs(g - pct) for g in GRADE_STEPS]))
+
+
+def evaluate_lesions(data_dir: str | Path, bundle: str | Path, *, match_px: Optional[float] = None,
+                     threads: int = 2, max_frames: Optional[int] = None, overlays: Optional[str | Path] = None,
+                     n_overlays: int = 8) -> dict:
+    from inference.frames import open_run
+    from inference.lesions import Geometry, LesionModel, decode_maps
+    from training.synthetic import load_records
+    from training.synthetic.targets import load_targets
+
+    from .data import _resize_nearest
+
+    data_dir = Path(data_dir)
+    model = LesionModel(bundle, threads=threads)
+    S = model.size
+    spec = model.spec
+    records = [r for r in load_records(data_dir) if r.get("targets")]
+    if not records:
+        raise ValueError(f"{data_dir}: no run has lesion targets (generate with targets > 0)")
+    inter = union_sum = 0.0
+    seg_ok = seg_n = 0
+    n_frames = 0
+    n_sig = hit_sig = n_vis = hit_vis = 0
+    fps = 0
+    matched: list[tuple[dict, object]] = []
+    t_model = 0.0
+    written = 0
+    for rec in records:
+        tg = load_targets(data_dir, rec)
+        numbers = [t[0] for t in tg]
+        frames = dict(zip(numbers, open_run(data_dir / rec["file"]).iter_frames([n - 1 for n in numbers])))
+        for number, vessel, segment, lesions in tg:
+            if max_frames is not None and n_frames >= max_frames:
+                break
+            fr = frames[number]
+            t0 = time.perf_counter()
+            fm = model.maps([fr])[0]
+            found = model.find(fr, rec["sop_instance_uid"], number, maps=fm)
+            t_model += time.perf_counter() - t0
+            n_frames += 1
+            geo = Geometry(fr.shape[0], fr.shape[1], S)
+            V = _resize_nearest(np.asarray(vessel, np.uint8), geo) > 0
+            G = _resize_nearest(np.asarray(segment, np.uint8), geo)
+            P = fm.vessel >= spec.vessel_threshold
+            inter += float((P & V).sum())
+            union_sum += float(P.sum() + V.sum())
+            numbered = V & (G >= 1) & (G <= 15) & P
+            seg_ok += int((fm.segment[numbered] == G[numbered]).sum())
+            seg_n += int(numbered.sum())
+            r_match = match_px if match_px is not None else max(6.0, 0.04 * max(fr.shape))
+            vis = [l for l in lesions if l.get("visible", True)]
+            used = set()
+            for f in sorted(found, key=lambda f: -f.confidence):
+                best, bd = None, r_match
+                for j, l in enumerate(vis):
+                    if j in used:
+                        continue
+                    d = float(np.hypot(f.x - l["x"], f.y - l["y"]))
+                    if d <= bd:
+                        best, bd = j, d
+                if best is None:
+                    fps += 1
+                else:
+                    used.add(best)
+                    matched.append((vis[best], f))
+            n_vis += len(vis)
+            hit_vis += len(used)
+            sig = [j for j, l in enumerate(vis) if l["severity"] >= 75]
+            n_sig += len(sig)
+            hit_sig += sum(1 for j in sig if j in used)
+            if overlays is not None and written < n_overlays and vis:
+                _overlay(Path(overlays) / f"frame_{written:02d}.png", fr, fm, spec.vessel_threshold, found, vis)
+                written += 1
+        if max_frames is not None and n_frames >= max_frames:
+            break
+    g_true = np.array([_grade_index(l["severity"]) for l, _ in matched])
+    g_pred = np.array([_grade_index(f.stenosis_pct) for _, f in matched])
+    qca = []
+    for l, f in matched:
+        if f.reference_diameter_px and f.minimal_diameter_px is not None:
+            qca.append((_grade_index(l["severity"]), _grade_index(100 * (1 - f.minimal_diameter_px / f.reference_diameter_px))))
+    out = {
+        "frames": n_frames,
+        "vessel_dice": round(2 * inter / max(union_sum, 1.0), 4),
+        "segment_pixel_accuracy": round(seg_ok / max(seg_n, 1), 4),
+        "lesions_visible": n_vis,
+        "lesions_significant": n_sig,
+        "lesion_sensitivity": round(hit_sig / max(n_sig, 1), 4),
+        "lesion_sensitivity_all": round(hit_vis / max(n_vis, 1), 4),
+        "false_positives_per_frame": round(fps / max(n_frames, 1), 4),
+        "matched": len(matched),
+        "segment_accuracy": round(float(np.mean([f.segment == int(l["segment"]) for l, f in matched])) if matched else 0.0, 4),
+        "severity_within_one_grade": round(float(np.mean(np.abs(g_true - g_pred) <= 1)) if matched else 0.0, 4),
+        "severity_exact": round(float(np.mean(g_true == g_pred)) if matched else 0.0, 4),
+        "severity_mae_pct": round(float(np.mean([abs(l["severity"] - f.stenosis_pct) for l, f in matched])) if matched else 0.0, 2),
+        "qca_within_one_grade": round(float(np.mean([abs(a - b) <= 1 for a, b in qca])) if qca else 0.0, 4),
+        "latency_ms_per_frame": round(1000 * t_model / max(n_frames, 1), 1),
+        "model_size": S,
+        "peak_threshold": spec.peak_threshold,
+    }
+    return out
+
+
+def _overlay(path: Path, frame: np.ndarray, fm, thr: float, found, truth) -> None:
+    """Frame with the predicted vessel mask (green), true lesions (blue) and found ones (red)."""
+    from PIL import Image, ImageDraw
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    g = (np.clip(frame, 0, 1) * 255).astype(np.uint8)
+    rgb = np.stack([g, g, g], -1).astype(np.float32)
+    m = np.asarray(Image.fromarray((fm.vessel >= thr).astype(np.uint8) * 255).resize(g.shape[::-1], Image.NEAREST)) > 0
+    rgb[m] = rgb[m] * 0.5 + np.array([0, 200, 0]) * 0.5
+    im = Image.fromarray(rgb.astype(np.uint8))
+    d = ImageDraw.Draw(im)
+    r = max(4, g.shape[0] // 40)
+    for l in truth:
+        d.ellipse([l["x"] - r - 2, l["y"] - r - 2, l["x"] + r + 2, l["y"] + r + 2], outline=(60, 120, 255), width=2)
+    for f in found:
+        d.ellipse([f.x - r, f.y - r, f.x + r, f.y + r], outline=(255, 40, 40), width=2)
+        d.text((f.x + r + 2, f.y - r), f"#{f.segment} {f.stenosis_pct:.0f}%", fill=(255, 80, 80))
+    im.save(path)
+
+
+def format_metrics(m: dict) -> str:
+    return json.dumps(m, indent=2)
