@@ -107,6 +107,7 @@ class ProcessingConfig(_Strict):
     selector_timeout_s: float = Field(600.0, gt=0)
     vlm_timeout_s: float = Field(900.0, gt=0)
     encode_timeout_s: float = Field(120.0, gt=0)
+    lesions_timeout_s: float = Field(300.0, gt=0)
     languages: list[Literal["en", "ja"]] = Field(default_factory=lambda: ["en", "ja"])
     send_kos: bool = True
 
@@ -117,6 +118,16 @@ class SelectorConfig(_Strict):
     min_gap: int = Field(5, ge=1, description="minimum distance between candidate frames")
     max_key_frames: int = Field(2, ge=1, description="key frames kept per run")
     providers: list[str] = Field(default_factory=lambda: ["auto"])
+
+
+class LesionsConfig(_Strict):
+    """The lesion model on the key frames (when the bundle has one)."""
+
+    enabled: bool = True
+    threads: int = Field(2, ge=1)
+    providers: list[str] = Field(default_factory=lambda: ["auto"])
+    # lesions below this confidence (heatmap peak probability) are left out of report and SR
+    min_confidence: float = Field(0.0, ge=0.0, le=1.0)
 
 
 class VLMConfig(_Strict):
@@ -180,6 +191,7 @@ class Config(_Strict):
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     processing: ProcessingConfig = Field(default_factory=ProcessingConfig)
     selector: SelectorConfig = Field(default_factory=SelectorConfig)
+    lesions: LesionsConfig = Field(default_factory=LesionsConfig)
     vlm: VLMConfig = Field(default_factory=VLMConfig)
     destinations: list[Destination] = Field(default_factory=list)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)

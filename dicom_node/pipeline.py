@@ -1,4 +1,4 @@
-"""Processing of one complete study: frames → selector → VLM → SR + KOS → outbox.
+"""Processing of one complete study: frames → selector → lesions → VLM → SR + KOS → outbox.
 
 Called by the node's worker pool (off the association threads) for each queued
 job.  Each stage is a journal state change (``stage`` on the study row) with
@@ -105,6 +105,35 @@ def _selector(node):
             sel = Selector(_bundle(node), threads=c.threads, batch_size=c.batch_size, providers=c.providers)
             node._pipeline_selector = sel
         return sel
+
+
+def _lesion_model(node):
+    """The bundle's lesion model (cached), or None when the bundle has none or it is disabled."""
+    if not node.config.lesions.enabled:
+        return None
+    with _RUNTIME_LOCK:
+        lm = getattr(node, "_pipeline_lesions", None)
+        if lm is None:
+            b = _bundle(node)
+            if b.manifest.lesions is None:
+                return None
+            from inference.lesions import LesionModel
+
+            c = node.config.lesions
+            lm = LesionModel(b, threads=c.threads, providers=c.providers)
+            node._pipeline_lesions = lm
+        return lm
+
+
+def _find_lesions(node, usable: list[RunSelection]) -> list:
+    from inference.lesions import lesions_on_key_frames
+
+    lm = _lesion_model(node)
+    if lm is None:
+        return []
+    found = lesions_on_key_frames(lm, usable, _frames_at)
+    floor = node.config.lesions.min_confidence
+    return [l for l in found if l.confidence >= floor]
 
 
 def _vlm(node):
@@ -298,13 +327,33 @@ def process_study(node, study_uid: str) -> dict:
             if not r.ok:
                 skipped.append({"sop_instance_uid": r.sop_instance_uid, "reason": r.error or "no usable frame"})
 
+        usable = [r for r in selections if r.ok]
+        lesions: list = []
+        has_lesion_model = False
+        if usable:
+            stage("lesions")
+            t0 = time.monotonic()
+            has_lesion_model = _lesion_model(node) is not None
+            if has_lesion_model:
+                try:
+                    lesions = run_with_timeout("lesions", cfg.processing.lesions_timeout_s, _find_lesions, node, usable)
+                except StageTimeout as exc:
+                    raise StageError("lesions", str(exc)) from None
+            timer.record("lesions", time.monotonic() - t0, node)
+
         stage("vlm")
         t0 = time.monotonic()
-        usable = [r for r in selections if r.ok]
         languages = list(cfg.processing.languages)
         if usable:
             backend = _vlm(node)
-            if backend is None:
+            from inference.reporting import findings_from_lesions, templated_report
+
+            concepts = findings_from_lesions(lesions) if has_lesion_model else None
+            if backend is None and has_lesion_model:
+                # no VLM: the templated draft of what the lesion model saw
+                sides = sorted({r.laterality for r in usable})
+                report = templated_report(concepts, sides=sides, languages=languages)
+            elif backend is None:
                 report = {
                     lang: ReportText(findings="", impression="", recommendation="", format_ok=False)
                     for lang in languages
@@ -312,9 +361,13 @@ def process_study(node, study_uid: str) -> dict:
             else:
                 from inference.vlm import report_study
 
+                use = concepts if getattr(backend, "uses_concepts", False) else None
+
                 def _vlm_stage():
                     images = _key_images(node, usable)
-                    return report_study(backend, images, languages=languages)
+                    if use is None:
+                        return report_study(backend, images, languages=languages)
+                    return report_study(backend, images, languages=languages, concepts=use)
 
                 try:
                     report = run_with_timeout("vlm", cfg.processing.vlm_timeout_s, _vlm_stage)
@@ -342,6 +395,7 @@ def process_study(node, study_uid: str) -> dict:
             model=model_info,
             not_analysed=skipped,
             discrepancies=discrepancies,
+            lesions=lesions,
         )
 
         def _encode():
@@ -384,6 +438,7 @@ def process_study(node, study_uid: str) -> dict:
             "runs": len(selections),
             "analysed": len(usable),
             "not_analysed": len(skipped),
+            "lesions": len(lesions),
             "discrepancies": discrepancies,
             "results": [{"kind": k, "sop_instance_uid": u, "path": str(p)} for k, u, p in written],
             "timings": timer.timings,

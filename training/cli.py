@@ -11,9 +11,9 @@ import importlib
 
 _AREAS = {
     "synth": ["training.synthetic.cli"],
-    "train": ["training.selector.cli", "training.vlm.cli"],
+    "train": ["training.selector.cli", "training.vlm.cli", "training.lesions.cli"],
     "export": ["training.selector.cli"],
-    "evaluate": ["training.selector.cli", "training.vlm.cli"],
+    "evaluate": ["training.selector.cli", "training.vlm.cli", "training.lesions.cli"],
 }
 
 
@@ -44,7 +44,7 @@ def _register_group(sub, verb: str, help_: str) -> None:
 
 
 def register_train(sub) -> None:
-    _register_group(sub, "train", "train a model (selector | vlm)")
+    _register_group(sub, "train", "train a model (selector | vlm | lesions)")
 
 
 def register_export(sub) -> None:
@@ -52,4 +52,4 @@ def register_export(sub) -> None:
 
 
 def register_evaluate(sub) -> None:
-    _register_group(sub, "evaluate", "evaluate a model (selector | vlm); --json prints metrics")
+    _register_group(sub, "evaluate", "evaluate a model (selector | vlm | lesions); --json prints metrics")

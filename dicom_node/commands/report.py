@@ -3,7 +3,8 @@ runs of one study.
 
 Prints laterality and key frames per run and the draft report per language (findings,
 impression, recommendation).  With ``--json``: ``{"runs": [{file, sop_instance_uid, laterality,
-confidence, key_frames, error}], "report": {"en": {findings, impression, recommendation,
+confidence, key_frames, error}], "lesions": [{sop_instance_uid, frame_number, segment, vessel,
+side, stenosis_pct, grade, x, y, confidence, ...}], "report": {"en": {findings, impression, recommendation,
 format_ok}, "ja": {...}}, "model": {...}, "timing_s": {...}}``.  The VLM is the one ``vlm`` in the
 config names (default: the bundle's own).  Exit status 1 when no run could be analysed or the
 VLM failed.
@@ -82,19 +83,53 @@ def run(args) -> int:
         print("cag-node report: no run could be analysed", file=sys.stderr)
         return 1
 
-    from inference.frames import read_frame
+    from inference.frames import open_run, read_frame
+    from inference.reporting import findings_from_lesions, templated_report
     from inference.vlm import ReportError, load_backend, report_study
 
+    # the lesion model on every key frame, when the bundle has one
+    t_les0 = time.monotonic()
+    lesions = []
+    has_lesions = bundle.manifest.lesions is not None and cfg.lesions.enabled
+    if has_lesions:
+        from inference.lesions import LesionModel, LesionModelError, lesions_on_key_frames
+
+        try:
+            lm = LesionModel(bundle, threads=cfg.lesions.threads, providers=cfg.lesions.providers)
+        except LesionModelError as exc:
+            print(f"cag-node report: {exc}", file=sys.stderr)
+            return 1
+
+        def frames_at(path, numbers):
+            wanted = sorted(set(numbers))
+            return dict(zip(wanted, open_run(path).iter_frames([n - 1 for n in wanted])))
+
+        lesions = [l for l in lesions_on_key_frames(lm, ok, frames_at) if l.confidence >= cfg.lesions.min_confidence]
+    t_les = time.monotonic() - t_les0
+    concepts = findings_from_lesions(lesions) if has_lesions else None
+
     t1 = time.monotonic()
+    t_load = 0.0
     try:
-        backend = load_backend(_vlm_cfg(cfg), bundle)
-        t_load = time.monotonic() - t1
+        if cfg.vlm.backend == "none":
+            if not has_lesions:
+                print("cag-node report: vlm.backend is 'none' and the bundle has no lesion model: no report",
+                      file=sys.stderr)
+                return 1
+            backend = None
+            report = templated_report(concepts, sides=sorted({r.laterality for r in ok}), languages=langs)
+        else:
+            backend = load_backend(_vlm_cfg(cfg), bundle)
+            t_load = time.monotonic() - t1
         t2 = time.monotonic()
-        report = report_study(backend, ok, lambda run, n: read_frame(run.file, n), languages=langs)
+        if backend is not None:
+            extra = {"concepts": concepts} if (concepts is not None and getattr(backend, "uses_concepts", False)) else {}
+            report = report_study(backend, ok, lambda run, n: read_frame(run.file, n), languages=langs, **extra)
     except (ReportError, ImportError, OSError, ValueError) as exc:
         print(f"cag-node report: VLM failed: {exc}", file=sys.stderr)
         return 1
     t_vlm = time.monotonic() - t2
+    info = backend.model_info if backend is not None else bundle.model_info()
     from inference.vlm.findings import language_discrepancies
 
     discrepancies = language_discrepancies(report)
@@ -102,9 +137,11 @@ def run(args) -> int:
         print(json.dumps({
             "runs": out_runs,
             "report": {k: v.to_dict() for k, v in report.items()},
-            "model": backend.model_info.to_dict(),
+            "lesions": [l.to_dict() for l in lesions],
+            "model": info.to_dict(),
             "discrepancies": discrepancies,
-            "timing_s": {"selector": round(t_sel, 3), "vlm_load": round(t_load, 3), "vlm": round(t_vlm, 3)},
+            "timing_s": {"selector": round(t_sel, 3), "lesions": round(t_les, 3), "vlm_load": round(t_load, 3),
+                         "vlm": round(t_vlm, 3)},
         }, indent=2, ensure_ascii=False))
     else:
         for r in runs:
@@ -113,7 +150,9 @@ def run(args) -> int:
             else:
                 print(f"{r.file}: {r.laterality} {r.confidence:.3f}; key frames "
                       f"{', '.join(str(k.frame_number) for k in r.key_frames)}")
-        info = backend.model_info
+        for l in lesions:
+            print(f"lesion: {l.vessel} #{l.segment} {l.stenosis_pct:.0f}% (grade {l.grade}) on frame "
+                  f"{l.frame_number} of {l.sop_instance_uid} at ({l.x:.0f}, {l.y:.0f}), confidence {l.confidence:.2f}")
         print(f"\nModel: {info.name} {info.version} (VLM {info.vlm}{', adapter ' + info.adapter if info.adapter else ''})"
               + (" — DEMO, synthetic data, not for clinical use" if info.synthetic_demo else ""))
         for lang, rep in report.items():
