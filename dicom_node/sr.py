@@ -18,6 +18,14 @@ Results as far as a text report allows):
 * one CONTAINER per analysed run with the imaged coronary artery as a CODE
   (SCT "Left Coronary Artery" / "Right Coronary Artery") and every key frame as
   an IMAGE item with ``ReferencedFrameNumber``;
+* a "Findings" CONTAINER (DCM 121070) with one TID 1501-style "Measurement Group"
+  per lesion the lesion model saw: Tracking Identifier/UID, Finding (SCT Stenosis or
+  Occlusion, CID 3810), Finding Site (the AHA segment as a CID 3014 coronary artery
+  segment, see :data:`SEGMENT_SITES`), NUM "Lumen Diameter Stenosis" (SCT 408715008, %)
+  INFERRED FROM an SCOORD POINT "Center" (and a POLYLINE "Centerline" when known)
+  SELECTED FROM the run's IMAGE with ``ReferencedFrameNumber``, NUM "Certainty of
+  Finding" (the lesion model's confidence, 0-1) and a Comment in words (see
+  :func:`lesion_findings`);
 * a CONTAINER listing the runs that were not analysed and why;
 * ``ContributingEquipmentSequence`` (purpose "Processing Equipment", with the
   Device UID, Manufacturer, SoftwareVersions), ``CompletionFlag`` PARTIAL or
@@ -36,6 +44,7 @@ from __future__ import annotations
 import copy
 import datetime
 import logging
+import math
 import shutil
 import subprocess
 from collections.abc import Iterable, Sequence
@@ -44,19 +53,31 @@ from typing import Optional
 
 import highdicom as hd
 import highdicom.coding_schemes  # noqa: F401  (loads hd.coding_schemes)
+import numpy as np
 from highdicom.sr import (
     CodeContentItem,
     CodedConcept,
     ContainerContentItem,
     ImageContentItem,
+    NumContentItem,
     RelationshipTypeValues,
+    ScoordContentItem,
     TextContentItem,
+    UIDRefContentItem,
 )
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pydicom.valuerep import DA, TM
 
-from inference.types import SECTIONS, KeyFrame, ModelInfo, RunSelection, StudyResult
+from inference.types import (
+    SECTIONS,
+    SEGMENTS,
+    KeyFrame,
+    LesionFinding,
+    ModelInfo,
+    RunSelection,
+    StudyResult,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +123,55 @@ NARRATIVE = _c("CAG010", PRIVATE_SCHEME, "AI draft report text")
 ANALYSED_RUNS = _c("121180", "DCM", "Key Images")  # CID 7001 section heading
 RUN = _c("CAG021", PRIVATE_SCHEME, "Angiographic run")
 NOT_ANALYSED = _c("CAG030", PRIVATE_SCHEME, "Runs not analysed")
+
+# --- lesion findings (TID 1501-style Measurement Group per lesion) -------------------------
+LESION_FINDINGS = _c("121070", "DCM", "Findings")  # the QCA templates' (TID 3214) findings container
+MEASUREMENT_GROUP = _c("125007", "DCM", "Measurement Group")  # TID 1501
+TRACKING_ID = _c("112039", "DCM", "Tracking Identifier")
+TRACKING_UID = _c("112040", "DCM", "Tracking Unique Identifier")
+FINDING = _c("121071", "DCM", "Finding")
+FINDING_SITE = _c("363698007", "SCT", "Finding Site")
+# CID 3810 Vascular Morphology (the value set of TID 3908 "Associated Morphology"); the
+# meanings are PS3.16's own spelling.
+STENOSIS = _c("415582006", "SCT", "stenosis")
+OCCLUSION = _c("26036001", "SCT", "occlusion")
+# TID 3105 row 5 / QCA: % diameter stenosis (SRT R-101BB), in UCUM %.
+DIAMETER_STENOSIS = _c("408715008", "SCT", "Lumen Diameter Stenosis")
+PERCENT = _c("%", "UCUM", "Percent")
+# The lesion model's confidence, 0-1 (the CAD templates' "Certainty of Finding", CID 6048).
+CERTAINTY = _c("111012", "DCM", "Certainty of Finding")
+NO_UNITS = _c("1", "UCUM", "no units")
+CENTER = _c("111010", "DCM", "Center")  # CID 219 Geometry Graphical Representation
+CENTERLINE = _c("130490", "DCM", "Centerline")  # CID 219
+SOURCE_OF_MEASUREMENT = _c("121112", "DCM", "Source of Measurement")
+
+#: AHA segment (1-15) -> Finding Site.  From PS3.16 CID 3014 "Coronary Artery Segment"
+#: (SNOMED CT), except:
+#: * 12 (obtuse marginal branch): CID 3014 has only the numbered 1st/2nd/3rd marginal
+#:   branches and "Marginal Coronary Artery" (22765000), which SNOMED CT defines as the
+#:   marginal branch of the *right* coronary artery; AHA 12 is any obtuse marginal of the
+#:   LCx, so it gets a private 99CAG code;
+#: * 14 (posterolateral branch): CID 3014 has only the numbered 1st/2nd/3rd left
+#:   posterolateral branches; the un-numbered "Left Posterolateral Circumflex Coronary
+#:   Artery" (57823005) is a standard code of CID 3015 "Coronary Artery" and CID 3604
+#:   "Arterial Lesion Location" (the value set TID 3105/3214 give a lesion's Finding Site).
+SEGMENT_SITES: dict[int, CodedConcept] = {
+    1: _c("91083009", "SCT", "Proximal Right Coronary Artery"),
+    2: _c("450960006", "SCT", "Mid Right Coronary Artery"),
+    3: _c("41879009", "SCT", "Distal Right Coronary Artery"),
+    4: _c("53655008", "SCT", "Posterior Descending Right Coronary Artery"),
+    5: _c("3227004", "SCT", "Left Main Coronary Artery"),
+    6: _c("68787002", "SCT", "Proximal Left Anterior Descending Coronary Artery"),
+    7: _c("91748002", "SCT", "Mid Left Anterior Descending Coronary Artery"),
+    8: _c("36672000", "SCT", "Distal Left Anterior Descending Coronary Artery"),
+    9: _c("91750005", "SCT", "1st Diagonal Coronary Artery"),
+    10: _c("91751009", "SCT", "2nd Diagonal Coronary Artery"),
+    11: _c("52433000", "SCT", "Proximal Circumflex Coronary Artery"),
+    12: _c("CAG112", PRIVATE_SCHEME, "Obtuse Marginal Circumflex Coronary Artery (AHA 12)"),
+    13: _c("6511003", "SCT", "Distal Circumflex Coronary Artery"),
+    14: _c("57823005", "SCT", "Left Posterolateral Circumflex Coronary Artery"),
+    15: _c("91760001", "SCT", "Left Posterior Descending Circumflex Coronary Artery"),
+}
 
 CODING_SCHEMES = [
     hd.coding_schemes.CodingSchemeIdentificationItem(
@@ -405,6 +475,195 @@ def _run_container(run: RunSelection, ds: Dataset, key_frames: list[KeyFrame]) -
     return c
 
 
+def _number(value, where: str, lo: float | None = None, hi: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise EncodingError(f"{where}: expected a number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise EncodingError(f"{where}: {value!r} is not a finite number")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f"{lo:g}..{hi:g}" if lo is not None and hi is not None else (
+            f">= {lo:g}" if lo is not None else f"<= {hi:g}")
+        raise EncodingError(f"{where}: {v:g} outside {rng}")
+    return v
+
+
+def _point(x, y, ds: Dataset, x_name: str, y_name: str) -> tuple[float, float]:
+    """(x, y) checked against the run's Columns x Rows (SCOORD image-relative: 0..Columns, 0..Rows)."""
+    cols = int(ds.get("Columns", 0) or 0)
+    rows = int(ds.get("Rows", 0) or 0)
+    fx = _number(x, x_name + (f" (Columns {cols})" if cols else ""), 0.0, float(cols) if cols else None)
+    fy = _number(y, y_name + (f" (Rows {rows})" if rows else ""), 0.0, float(rows) if rows else None)
+    return fx, fy
+
+
+class _Lesion:
+    """A validated lesion with what it is encoded against."""
+
+    def __init__(self, index: int, lesion: LesionFinding, run: RunSelection, ds: Dataset,
+                 key_frames: list[KeyFrame], point: tuple[float, float],
+                 polyline: list[tuple[float, float]], stenosis: float, confidence: float):
+        self.index, self.lesion, self.run, self.ds, self.key_frames = index, lesion, run, ds, key_frames
+        self.point, self.polyline, self.stenosis, self.confidence = point, polyline, stenosis, confidence
+
+    @property
+    def is_key_frame(self) -> bool:
+        return any(k.frame_number == self.lesion.frame_number for k in self.key_frames)
+
+
+def validate_lesions(
+    result: StudyResult, runs: Sequence[tuple[RunSelection, Dataset, list[KeyFrame]]]
+) -> list[_Lesion]:
+    """Check ``result.lesions`` against the analysed runs (see :func:`key_frame_references`).
+
+    Every lesion must lie on an analysed run (a multi-frame instance among the evidence), on a
+    frame 1..NumberOfFrames of that run (the header's, else the selector's n_frames) and inside
+    its Columns x Rows; a lesion's frame need not be a key frame.  Raises :class:`EncodingError`
+    naming the attribute (``result.lesions[2].frame_number: ...``).
+    """
+    lesions = result.lesions
+    if lesions is None:
+        return []
+    if not isinstance(lesions, (list, tuple)):
+        raise EncodingError(f"result.lesions: expected a list of LesionFinding, got {type(lesions).__name__}")
+    by_uid = {run.sop_instance_uid: (run, ds, kfs) for run, ds, kfs in runs}
+    out = []
+    for i, les in enumerate(lesions):
+        where = f"result.lesions[{i}]"
+        if not isinstance(les, LesionFinding):
+            raise EncodingError(f"{where}: expected LesionFinding, got {type(les).__name__}")
+        ref = by_uid.get(les.sop_instance_uid)
+        if ref is None:
+            raise EncodingError(f"{where}.sop_instance_uid: {les.sop_instance_uid} is not among the analysed runs")
+        run, ds, kfs = ref
+        if isinstance(les.segment, bool) or les.segment not in SEGMENTS:
+            raise EncodingError(f"{where}.segment: {les.segment!r} is not an AHA segment 1-15")
+        frame = les.frame_number
+        if isinstance(frame, bool) or not isinstance(frame, (int, np.integer)):
+            raise EncodingError(f"{where}.frame_number: expected an integer, got {type(frame).__name__}")
+        n_frames = int(ds.get("NumberOfFrames", 0) or 0) or int(run.n_frames or 0)
+        if frame < 1 or (n_frames and frame > n_frames):
+            raise EncodingError(f"{where}.frame_number: frame {frame} outside 1..{n_frames or 'n'} "
+                                f"(NumberOfFrames of {les.sop_instance_uid})")
+        stenosis = _number(les.stenosis_pct, f"{where}.stenosis_pct", 0.0, 100.0)
+        confidence = _number(les.confidence, f"{where}.confidence", 0.0, 1.0)
+        point = _point(les.x, les.y, ds, f"{where}.x", f"{where}.y")
+        polyline = []
+        pts = les.polyline or []
+        if not isinstance(pts, (list, tuple)):
+            raise EncodingError(f"{where}.polyline: expected a list of (x, y), got {type(pts).__name__}")
+        if len(pts) == 1:
+            raise EncodingError(f"{where}.polyline: a polyline needs at least 2 points, got 1")
+        for j, pt in enumerate(pts):
+            if not isinstance(pt, (list, tuple)) or len(pt) != 2:
+                raise EncodingError(f"{where}.polyline[{j}]: expected an (x, y) pair, got {pt!r}")
+            polyline.append(_point(pt[0], pt[1], ds, f"{where}.polyline[{j}] x", f"{where}.polyline[{j}] y"))
+        for kw in ("reference_diameter_px", "minimal_diameter_px"):
+            if getattr(les, kw) is not None:
+                _number(getattr(les, kw), f"{where}.{kw}", 0.0, None)
+        if les.side != run.laterality:
+            log.warning("%s: AHA segment %d is on the %s but run %s was classified %s", where, les.segment,
+                        les.side, run.sop_instance_uid, run.laterality)
+        out.append(_Lesion(i, les, run, ds, kfs, point, polyline, stenosis, confidence))
+    return out
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.1f}".rstrip("0").rstrip(".")
+
+
+def _lesion_comment(v: _Lesion) -> str:
+    les = v.lesion
+    _side, vessel, name_en, _name_ja = SEGMENTS[les.segment]
+    grade = les.grade
+    words = "total occlusion" if grade == 100 else f"{grade}% stenosis"
+    text = (f"Lesion {v.index + 1}: AHA segment {les.segment} ({name_en}, {vessel}): {_fmt(v.stenosis)}% "
+            f"diameter stenosis, graded {words}; lesion model confidence {v.confidence:.2f}. "
+            f"Seen on frame {les.frame_number} of run {les.sop_instance_uid}")
+    if not v.is_key_frame:
+        frames = ", ".join(str(k.frame_number) for k in v.key_frames) or "none"
+        text += f" (not one of the run's key frames: {frames})"
+    text += "."
+    diam = []
+    if les.reference_diameter_px is not None:
+        diam.append(f"reference diameter {_fmt(float(les.reference_diameter_px))} px")
+    if les.minimal_diameter_px is not None:
+        diam.append(f"minimal lumen diameter {_fmt(float(les.minimal_diameter_px))} px")
+    if diam:
+        text += " " + ", ".join(diam).capitalize() + "."
+    if les.side != v.run.laterality:
+        text += f" Note: the segment is on the {les.side} but the run was classified {v.run.laterality}."
+    return text
+
+
+def _frame_image(v: _Lesion) -> ImageContentItem:
+    return ImageContentItem(
+        name=SOURCE_OF_MEASUREMENT,
+        referenced_sop_class_uid=v.ds.SOPClassUID,
+        referenced_sop_instance_uid=v.ds.SOPInstanceUID,
+        referenced_frame_numbers=[int(v.lesion.frame_number)],
+        relationship_type=RelationshipTypeValues.SELECTED_FROM,
+    )
+
+
+def _scoord(name: CodedConcept, graphic_type: str, points: list[tuple[float, float]], v: _Lesion):
+    item = ScoordContentItem(
+        name=name,
+        graphic_type=graphic_type,
+        graphic_data=np.asarray(points, dtype=float),
+        relationship_type=RelationshipTypeValues.INFERRED_FROM,
+    )
+    item.ContentSequence = hd.sr.ContentSequence([_frame_image(v)])
+    return item
+
+
+def _lesion_group(v: _Lesion, sr_uid: str) -> ContainerContentItem:
+    les = v.lesion
+    group = ContainerContentItem(name=MEASUREMENT_GROUP, relationship_type=RelationshipTypeValues.CONTAINS)
+    stenosis = NumContentItem(name=DIAMETER_STENOSIS, value=round(v.stenosis, 1), unit=PERCENT,
+                              relationship_type=RelationshipTypeValues.CONTAINS)
+    where = [_scoord(CENTER, "POINT", [v.point], v)]
+    if v.polyline:
+        where.append(_scoord(CENTERLINE, "POLYLINE", v.polyline, v))
+    stenosis.ContentSequence = hd.sr.ContentSequence(where)
+    items = [
+        TextContentItem(name=TRACKING_ID, value=f"Lesion {v.index + 1}",
+                        relationship_type=RelationshipTypeValues.HAS_OBS_CONTEXT),
+        UIDRefContentItem(name=TRACKING_UID,
+                          value=generate_uid(entropy_srcs=[sr_uid, "lesion", str(v.index)]),
+                          relationship_type=RelationshipTypeValues.HAS_OBS_CONTEXT),
+        CodeContentItem(name=FINDING, value=OCCLUSION if les.grade == 100 else STENOSIS,
+                        relationship_type=RelationshipTypeValues.CONTAINS),
+        CodeContentItem(name=FINDING_SITE, value=SEGMENT_SITES[les.segment],
+                        relationship_type=RelationshipTypeValues.HAS_CONCEPT_MOD),
+        stenosis,
+        NumContentItem(name=CERTAINTY, value=round(v.confidence, 3), unit=NO_UNITS,
+                       relationship_type=RelationshipTypeValues.CONTAINS),
+        _text(COMMENT, _lesion_comment(v), f"result.lesions[{v.index}]"),
+    ]
+    group.ContentSequence = hd.sr.ContentSequence(items)
+    return group
+
+
+LESION_STATEMENT = ("Stenoses detected by the AI lesion model (draft, not verified); each is located on the "
+                    "frame it was seen on. Certainty of Finding is the model's confidence (0-1).")
+
+
+def lesion_findings(lesions: Sequence[_Lesion], model: ModelInfo, sr_uid: str) -> ContainerContentItem:
+    """The "Findings" container: the lesion model as TID 4019, a statement, one group per lesion."""
+    c = ContainerContentItem(name=LESION_FINDINGS, relationship_type=RelationshipTypeValues.CONTAINS)
+    items = list(hd.sr.AlgorithmIdentification(
+        name=(model.name or "cag-node")[:64],
+        version=model.version or "0",
+        parameters=["component=lesion model"],
+        manufacturer=MANUFACTURER,
+    ))
+    items.append(_text(COMMENT, LESION_STATEMENT, "result.lesions"))
+    items.extend(_lesion_group(v, sr_uid) for v in lesions)
+    c.ContentSequence = hd.sr.ContentSequence(items)
+    return c
+
+
 def algorithm_parameters(result: StudyResult, extra: Optional[dict] = None) -> list[str]:
     m = result.model
     params = []
@@ -470,6 +729,7 @@ def build_sr(
         raise EncodingError("result.report: no report text in any language")
 
     runs = key_frame_references(result, evidence)
+    lesions = validate_lesions(result, runs)
     items: list = []
     items.extend(hd.sr.LanguageOfContentItemAndDescendants(LANGUAGES["en"]))
     items.extend(device_observer_context(model))
@@ -496,6 +756,8 @@ def build_sr(
         analysed = ContainerContentItem(name=ANALYSED_RUNS, relationship_type=RelationshipTypeValues.CONTAINS)
         analysed.ContentSequence = hd.sr.ContentSequence([_run_container(*r) for r in runs])
         items.append(analysed)
+    if lesions:
+        items.append(lesion_findings(lesions, model, sop_uid))
     lines = not_analysed_lines(result)
     if lines:
         na = ContainerContentItem(name=NOT_ANALYSED, relationship_type=RelationshipTypeValues.CONTAINS)
@@ -599,4 +861,6 @@ __all__ = [
     "iter_content",
     "TITLE_CATH_REPORT",
     "TITLE_CAG_AI_REPORT",
+    "SEGMENT_SITES",
+    "validate_lesions",
 ]
