@@ -368,6 +368,8 @@ def software_versions(model: ModelInfo) -> list[str]:
         out.append(f"vlm {model.vlm}")
     if model.adapter:
         out.append(f"adapter {model.adapter}")
+    if getattr(model, "lesions", ""):
+        out.append(f"lesions {model.lesions}")
     return [s[:64] for s in out]
 
 
