@@ -47,6 +47,10 @@ def register_synth(sub) -> None:
                    "hardware, partial injections, aim/zoom); narrow: the original generator")
     p.add_argument("--bits", type=int, choices=[8, 10, 12], default=8,
                    help="bits stored: 8 (default) or 10/12 in 16-bit words")
+    p.add_argument("--targets", type=int, default=0, metavar="N",
+                   help="per-pixel training targets (vessel mask, AHA segment map, projected lesions) for up to N "
+                   "key frames per run: OUT_DIR/study_XXXXX/run_YY_targets.npz + a 'targets' entry per record "
+                   "(default 0 = off)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--start", type=int, default=0, help="index of the first study (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -65,6 +69,9 @@ def _run(args) -> int:
     if args.jpeg_quality is not None and not 1 <= args.jpeg_quality <= 100:
         print("cag-node synth: --jpeg-quality must be in 1..100", file=sys.stderr)
         return 2
+    if args.targets < 0:
+        print("cag-node synth: --targets must be >= 0", file=sys.stderr)
+        return 2
     if not 32 <= args.size <= 2048:
         print("cag-node synth: --size must be in 32..2048", file=sys.stderr)
         return 2
@@ -80,6 +87,7 @@ def _run(args) -> int:
         jpeg_quality=args.jpeg_quality,
         domain=args.domain,
         bits=args.bits,
+        targets=args.targets,
         workers=args.workers,
         start=args.start,
         progress=not args.no_progress,

@@ -54,6 +54,7 @@ def generate_study(
     with_pixels: bool = True,
     bits: int = 8,
     domain: str = "wide",
+    targets: int = 0,
 ) -> dict:
     """One synthetic study in memory.
 
@@ -63,7 +64,11 @@ def generate_study(
     ``pattern`` forces a disease pattern: normal | mild | 1v | 2v | 3v | lm.
     ``seed`` may be a numpy Generator (a seed is drawn from it).  ``bits``: 8 (uint8 frames)
     or 10/12 (uint16 frames, written as BitsStored 10/12 in 16).  ``domain``: "wide"
-    (domain randomisation, default) or "narrow" (the original generator, byte for byte)."""
+    (domain randomisation, default) or "narrow" (the original generator, byte for byte).
+    ``targets``: per-pixel targets (vessel mask, AHA segment map, projected lesions) for up
+    to that many key frames per run (:func:`targets.key_frames`), in ``run["targets"]`` (a
+    list of :class:`targets.FrameTargets`); 0 = off (the default), and off without pixels.
+    They draw nothing from the generators: the frames are the same either way."""
     if isinstance(seed, np.random.Generator):
         seed = int(seed.integers(2**31))
     rng = np.random.default_rng([int(seed), int(index)])
@@ -146,7 +151,12 @@ def generate_study(
             "pan": spec.pan if any(p != (0, 0) for p in spec.pan) else None,
             "bits": bits,
         }
-        runs.append({"frames": px, "labels": labels, "meta": meta, "run": run, "spec": spec})
+        entry = {"frames": px, "labels": labels, "meta": meta, "run": run, "spec": spec}
+        if targets and with_pixels:
+            from .targets import key_frames, run_targets
+
+            entry["targets"] = run_targets(anatomy, lesions, spec, key_frames(labels, meta["fill"], side, int(targets)))
+        runs.append(entry)
     return {"study": study, "runs": runs}
 
 
@@ -216,7 +226,15 @@ def _write_study(args) -> tuple[list[dict], dict]:
         run["run"]["compression"] = comp
         run["run"]["jpeg_quality"] = q
         write_xa(Path(out_dir) / rel, run["frames"], study, run["run"], compression=comp, jpeg_quality=q or 90)
-        recs.append(_record(study, run, rel, run["labels"], run["meta"]))
+        rec = _record(study, run, rel, run["labels"], run["meta"])
+        if "targets" in run:  # per-pixel targets of the key frames, next to the run's DICOM
+            from .targets import save_targets, targets_path, targets_record
+
+            trel = targets_path(rel)
+            if run["targets"]:
+                save_targets(Path(out_dir) / trel, run["targets"])
+            rec["targets"] = targets_record(trel, run["targets"])
+        recs.append(rec)
     srec = {
         "study_uid": study["study_uid"],
         "patient_id": study["patient_id"],
@@ -246,8 +264,10 @@ def generate_dataset(
     series per run) plus ``labels.jsonl`` (one record per run) and ``studies.jsonl`` (one
     per study).  Options: size, frames, runs_per_study, pattern, bits (8|10|12), compression
     (none|rle|jpegls lossless, jpeg = JPEG baseline lossy, mixed = none or jpeg per run),
-    jpeg_quality (int; default: drawn from 70-95 per run), domain (wide|narrow).  Returns
-    the records written to labels.jsonl."""
+    jpeg_quality (int; default: drawn from 70-95 per run), domain (wide|narrow), targets
+    (int, default 0 = off: per-pixel targets of up to that many key frames per run in
+    ``study_XXXXX/run_YY_targets.npz`` and a ``targets`` entry in the run's record, see
+    :mod:`training.synthetic.targets`).  Returns the records written to labels.jsonl."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(str(out), int(seed), i, dict(opts)) for i in range(start, start + n_studies)]

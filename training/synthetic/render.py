@@ -634,18 +634,22 @@ def _heart_shadow(S, dirs, heart: Heart, k: float) -> np.ndarray:
 @dataclass
 class _VesselSet:
     local: np.ndarray  # (N,3) heart-local
-    radius: np.ndarray
+    radius: np.ndarray  # stenosed lumen radius, mm
     s: np.ndarray  # path length (+ delay) from the ostium, mm
     filled: np.ndarray
     step: float
     pos: np.ndarray = None  # sample index within its branch
     left: np.ndarray = None  # samples left in the branch (including this one)
+    ref: np.ndarray = None  # reference (un-stenosed) radius, mm
+    branch: np.ndarray = None  # index of the branch in the tree
+    index: np.ndarray = None  # nearest sample index on the branch's stored centreline
+    segment: np.ndarray = None  # AHA segment of that sample (0 = unnumbered)
 
 
 def _vessels(tree: Tree, lesions: list[Lesion], step: float) -> _VesselSet:
     radii, filled, delay = apply_lesions(tree, lesions)
-    L, R, S, F, Pi, Le = [], [], [], [], [], []
-    for b, r, f, dl in zip(tree.branches, radii, filled, delay):
+    L, R, S, F, Pi, Le, Rf, Bi, Ix, Sg = [], [], [], [], [], [], [], [], [], []
+    for j, (b, r, f, dl) in enumerate(zip(tree.branches, radii, filled, delay)):
         s = b.s
         n = max(2, int(np.ceil((s[-1] - s[0]) / step)) + 1)
         t = np.linspace(s[0], s[-1], n)
@@ -655,8 +659,86 @@ def _vessels(tree: Tree, lesions: list[Lesion], step: float) -> _VesselSet:
         F.append(np.interp(t, s, f.astype(float)) > 0.5)
         Pi.append(np.arange(n))
         Le.append(n - np.arange(n))
+        Rf.append(np.interp(t, s, b.radius))
+        Bi.append(np.full(n, j))
+        ix = np.clip(np.rint(np.interp(t, s, np.arange(len(s)))).astype(np.int64), 0, len(s) - 1)
+        Ix.append(ix)
+        Sg.append(np.asarray(b.segment)[ix])
     return _VesselSet(np.vstack(L), np.concatenate(R), np.concatenate(S), np.concatenate(F), step,
-                      np.concatenate(Pi), np.concatenate(Le))
+                      np.concatenate(Pi), np.concatenate(Le), np.concatenate(Rf), np.concatenate(Bi),
+                      np.concatenate(Ix), np.concatenate(Sg))
+
+
+@dataclass
+class RunGeometry:
+    """The geometry :func:`render_frames` uses for a run (no random draws): the C-arm with
+    the table position that centres the tree (``pan=base``), the canvas margin ``margin``
+    (the canvas is ``canvas`` = size + 2 margin px, frame f is its window shifted by
+    ``pans[f]``), the vessel samples at ``step`` mm and the cardiac contraction ``ks[f]``
+    at the frame times.  A sample projected at (col, row) = ``carm.project`` lands at frame
+    pixel index (col + dx, row + dy) of frame f with ``(dx, dy) = pans[f]``."""
+
+    carm: CArm
+    base: tuple
+    margin: int
+    canvas: int
+    pans: list
+    step: float
+    vs: _VesselSet
+    times: np.ndarray
+    ks: np.ndarray
+
+
+def run_geometry(anatomy: Anatomy, lesions: list[Lesion], spec: RunSpec) -> RunGeometry:
+    """The run's projection geometry, exactly as :func:`render_frames` computes it."""
+    heart = anatomy.heart
+    n = spec.size
+    carm = CArm(spec.primary, spec.secondary, spec.sid, spec.sod, spec.fov_mm, n)
+    # the operator centres the injected tree in the field (table position), give or take
+    tree = anatomy.tree(spec.side)
+    main = np.vstack([b.pts for b in tree.branches if not b.name.startswith(("S", "T"))])
+    cx, cy, _ = carm.project(heart.to_patient(main))
+    aim = spec.aim or (0.0, 0.0)
+    base = (n / 2 - 0.5 * (cx.min() + cx.max()) + aim[0] * n, n / 2 - 0.5 * (cy.min() + cy.max()) + aim[1] * n)
+    carm = CArm(spec.primary, spec.secondary, spec.sid, spec.sod, spec.fov_mm, n, pan=base)
+    M = max(4, n // 8)  # canvas margin for pans
+    N = n + 2 * M
+    pmax = M - 1
+    pans = [(int(np.clip(dx, -pmax, pmax)), int(np.clip(dy, -pmax, pmax))) for dx, dy in (spec.pan or [(0, 0)] * spec.n_frames)]
+    step = min(0.5, 0.9 * carm.pixel_mm_iso)
+    vs = _vessels(tree, lesions, step)
+    times = np.arange(spec.n_frames) * spec.frame_time_ms / 1000.0
+    ks = cardiac_k(times, spec.heart_rate, spec.phase0)
+    return RunGeometry(carm, base, M, N, pans, step, vs, times, ks)
+
+
+def field_mask(spec: RunSpec, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The collimated field of a run's frames, float32 (n, n) 0..1 (round field or
+    rectangular shutters, shutter blades, semi-transparent wedge filters), and the radius
+    of each pixel centre from the image centre (fraction of the width, for the vignette)."""
+    ii, jj = np.mgrid[0:n, 0:n]
+    rr = np.hypot((jj - n / 2 + 0.5) / n, (ii - n / 2 + 0.5) / n)
+    if spec.collimation == "circle":
+        rad, cdx, cdy = spec.collim[0], spec.collim[1], spec.collim[2]
+        dist = np.hypot((jj + 0.5) / n - 0.5 - cdx, (ii + 0.5) / n - 0.5 - cdy)
+        fm = _smoothstep((rad - dist) * n / 2.0 + 0.5)
+    elif spec.collimation == "rect":
+        l, r, t_, b = spec.collim[:4]
+        x = (jj + 0.5) / n
+        y = (ii + 0.5) / n
+        fm = (
+            _smoothstep((x - l) * n / 2 + 0.5)
+            * _smoothstep((1 - r - x) * n / 2 + 0.5)
+            * _smoothstep((y - t_) * n / 2 + 0.5)
+            * _smoothstep((1 - b - y) * n / 2 + 0.5)
+        )
+    else:
+        fm = np.ones((n, n))
+    for th, dist, trans in spec.blades:  # shutter blades (trans 0) and wedge filters (trans > 0)
+        proj = ((jj + 0.5) / n - 0.5) * np.cos(th) + ((ii + 0.5) / n - 0.5) * np.sin(th)
+        cover = _smoothstep((proj - dist) * n / 3.0 + 0.5)
+        fm = fm * (1 - (1 - trans) * cover)
+    return fm.astype(np.float32), rr
 
 
 def concentration(vs: _VesselSet, spec: RunSpec, t: float) -> np.ndarray:
@@ -710,18 +792,8 @@ def render_frames(
     vmax = float(2**bits - 1)
     heart = anatomy.heart
     n = spec.size
-    carm = CArm(spec.primary, spec.secondary, spec.sid, spec.sod, spec.fov_mm, n)
-    # the operator centres the injected tree in the field (table position), give or take
-    tree = anatomy.tree(spec.side)
-    main = np.vstack([b.pts for b in tree.branches if not b.name.startswith(("S", "T"))])
-    cx, cy, _ = carm.project(heart.to_patient(main))
-    aim = spec.aim or (0.0, 0.0)
-    base = (n / 2 - 0.5 * (cx.min() + cx.max()) + aim[0] * n, n / 2 - 0.5 * (cy.min() + cy.max()) + aim[1] * n)
-    carm = CArm(spec.primary, spec.secondary, spec.sid, spec.sod, spec.fov_mm, n, pan=base)
-    M = max(4, n // 8)  # canvas margin for pans
-    N = n + 2 * M
-    pmax = M - 1
-    pans = [(int(np.clip(dx, -pmax, pmax)), int(np.clip(dy, -pmax, pmax))) for dx, dy in (spec.pan or [(0, 0)] * spec.n_frames)]
+    geo = run_geometry(anatomy, lesions, spec)  # shared with the per-pixel targets (targets.py)
+    carm, M, N, pans, step, vs = geo.carm, geo.margin, geo.canvas, geo.pans, geo.step, geo.vs
 
     # static background on the canvas (full res), heart shadow per frame at low res
     bg = _body_background(carm, heart, N, M, np.random.default_rng(rng.integers(2**32)), spec)
@@ -729,8 +801,6 @@ def render_frames(
     big = _scaled(carm, N, n_lo)
     S_lo, dirs_lo = big.rays(n_lo)
 
-    step = min(0.5, 0.9 * carm.pixel_mm_iso)
-    vs = _vessels(anatomy.tree(spec.side), lesions, step)
     cath = catheter_path(heart, spec.side, np.random.default_rng(rng.integers(2**32)), spec.approach)
     cath = resample(cath, step * 2)
     ost = cath[-1]
@@ -753,35 +823,12 @@ def render_frames(
     keep = (vs.pos % mult) == 0
     mult = np.minimum(mult, vs.left)  # the last kept sample of a branch stands only for its own
 
-    times = np.arange(spec.n_frames) * spec.frame_time_ms / 1000.0
-    ks = cardiac_k(times, spec.heart_rate, spec.phase0)
+    times, ks = geo.times, geo.ks
     frames = np.empty((spec.n_frames, n, n), np.uint8 if bits == 8 else np.uint16)
     labels, fills, cmaxs = [], [], []
 
     # display window from the background (frame 0, inside the field)
-    ii, jj = np.mgrid[0:n, 0:n]
-    rr = np.hypot((jj - n / 2 + 0.5) / n, (ii - n / 2 + 0.5) / n)
-    if spec.collimation == "circle":
-        rad, cdx, cdy = spec.collim[0], spec.collim[1], spec.collim[2]
-        dist = np.hypot((jj + 0.5) / n - 0.5 - cdx, (ii + 0.5) / n - 0.5 - cdy)
-        field_mask = _smoothstep((rad - dist) * n / 2.0 + 0.5)
-    elif spec.collimation == "rect":
-        l, r, t_, b = spec.collim[:4]
-        x = (jj + 0.5) / n
-        y = (ii + 0.5) / n
-        field_mask = (
-            _smoothstep((x - l) * n / 2 + 0.5)
-            * _smoothstep((1 - r - x) * n / 2 + 0.5)
-            * _smoothstep((y - t_) * n / 2 + 0.5)
-            * _smoothstep((1 - b - y) * n / 2 + 0.5)
-        )
-    else:
-        field_mask = np.ones((n, n))
-    for th, dist, trans in spec.blades:  # shutter blades (trans 0) and wedge filters (trans > 0)
-        proj = ((jj + 0.5) / n - 0.5) * np.cos(th) + ((ii + 0.5) / n - 0.5) * np.sin(th)
-        cover = _smoothstep((proj - dist) * n / 3.0 + 0.5)
-        field_mask = field_mask * (1 - (1 - trans) * cover)
-    field_mask = field_mask.astype(np.float32)
+    fmask, rr = field_mask(spec, n)
     vign = (1 - spec.vignette * (rr / 0.5) ** 2).astype(np.float32)
     lo = hi = None
     noise_rng = np.random.default_rng(rng.integers(2**32))
@@ -795,8 +842,8 @@ def render_frames(
             zb = gauss_blur_small(z, blur_px)
             z = zb * np.float32(1.0 / max(float(zb.std()), 1e-6) * (1.0 / (1.0 + 0.5 * blur_px)))
         pool.append(z)
-    out_gain = (vign * field_mask).astype(np.float32)
-    out_bias = ((1 - field_mask) * 4.0).astype(np.float32)
+    out_gain = (vign * fmask).astype(np.float32)
+    out_bias = ((1 - fmask) * 4.0).astype(np.float32)
     lut = np.clip(255.0 * (np.arange(256) / 255.0) ** spec.gamma + 0.5, 0, 255).astype(np.uint8)
     heart_cache: dict = {}
     from PIL import ImageFilter
@@ -846,7 +893,7 @@ def render_frames(
         sl = (slice(M - dy, M - dy + n), slice(M - dx, M - dx + n))
         if lo is None:
             A0 = bg[sl] + heart_cache[kq][sl]
-            inside = A0[field_mask > 0.5] if (field_mask > 0.5).any() else A0.ravel()
+            inside = A0[fmask > 0.5] if (fmask > 0.5).any() else A0.ravel()
             lo, hi = np.percentile(inside, [2.0, 99.0])
             hi = max(hi, lo + 0.3)
             inv = np.float32(1.0 / (hi - lo))
