@@ -1,7 +1,9 @@
 """Report generation: key frames -> bilingual draft report (findings / impression / recommendation).
 
 ``load_backend(vlm_cfg, bundle) -> ReportBackend``; ``ReportBackend.generate(images, language)``;
-``report_study(backend, images_by_side | runs, frames_for=None, languages=("en", "ja"))``.
+``report_study(backend, images_by_side | runs, frames_for=None, languages=("en", "ja"), concepts=None)``
+(``concepts``: the lesion model's findings, given to a model trained with them:
+``backend.uses_concepts``, from the bundle manifest's ``vlm.training.concepts``).
 The transformers backend (torch) is imported lazily, only when selected.
 """
 
@@ -18,7 +20,9 @@ from inference.vlm.base import (
     ReportError,
     ReportTimeout,
     build_prompt,
+    concepts_line,
     format_report,
+    normalise_concepts,
     parse_report,
     report_study,
     select_images,
@@ -26,7 +30,8 @@ from inference.vlm.base import (
 
 __all__ = [
     "HEADERS", "PROMPTS", "ReportBackend", "ReportError", "ReportTimeout", "build_prompt",
-    "format_report", "load_backend", "parse_report", "report_study", "select_images",
+    "concepts_line", "format_report", "load_backend", "normalise_concepts", "parse_report", "report_study",
+    "select_images", "trained_with_concepts",
 ]
 
 
@@ -38,11 +43,20 @@ def _get(cfg: Any, key: str, default=None):
     return getattr(cfg, key, default)
 
 
+def trained_with_concepts(training: Optional[dict]) -> bool:
+    """Whether a manifest's ``vlm.training`` says the model learnt to read the lesion model's
+    findings in its prompt (``"concepts": "findings"``; absent or ``"none"``: it did not)."""
+    c = (training or {}).get("concepts")
+    return bool(c) and str(c).lower() != "none"
+
+
 def load_backend(vlm_cfg: Any, bundle=None) -> ReportBackend:
     """The backend ``vlm_cfg`` (``dicom_node.config.VLMConfig`` or a dict) asks for.
 
     ``backend: bundle`` = transformers on ``bundle.vlm_path`` (+ the bundle's adapter);
     ``transformers`` = ``vlm.path`` (+ ``vlm.adapter``) or the bundle's; ``openai`` = ``vlm.url``.
+    ``backend.uses_concepts`` (give the model the lesion model's findings) comes from the
+    config's ``concepts`` when set, else from the bundle manifest when the bundle's VLM is used.
     """
     kind = _get(vlm_cfg, "backend", "bundle") or "bundle"
     max_new = int(_get(vlm_cfg, "max_new_tokens", 256) or 256)
@@ -50,6 +64,7 @@ def load_backend(vlm_cfg: Any, bundle=None) -> ReportBackend:
     timeout = float(_get(vlm_cfg, "timeout_s", 120.0) or 120.0)
     info: Optional[ModelInfo] = bundle.model_info() if bundle is not None else None
     from_first = _get(vlm_cfg, "from_first_language")
+    concepts = _get(vlm_cfg, "concepts")
     if kind == "none":
         raise ReportError("vlm.backend is 'none': report generation is disabled")
     if kind == "openai":
@@ -64,6 +79,7 @@ def load_backend(vlm_cfg: Any, bundle=None) -> ReportBackend:
             retries=int(_get(vlm_cfg, "retries", 3)), model_info=info,
         )
         backend.from_first_language = bool(from_first)
+        backend.uses_concepts = bool(concepts) and str(concepts).lower() != "none"
         return backend
     if kind not in ("bundle", "transformers"):
         raise ReportError(f"vlm.backend: unknown backend {kind!r}")
@@ -78,12 +94,17 @@ def load_backend(vlm_cfg: Any, bundle=None) -> ReportBackend:
             raise ReportError("no VLM: the bundle has no vlm section and vlm.path is not set")
         path = bundle.vlm_path
         adapter = adapter or bundle.adapter_path
-        if from_first is None and bundle.manifest.vlm is not None:
-            from_first = (bundle.manifest.vlm.training or {}).get("from_first_language")
+        if bundle.manifest.vlm is not None:
+            training = bundle.manifest.vlm.training or {}
+            if from_first is None:
+                from_first = training.get("from_first_language")
+            if concepts is None:
+                concepts = "findings" if trained_with_concepts(training) else None
     from inference.vlm.transformers_backend import TransformersBackend
 
     backend = TransformersBackend(path, adapter=adapter, device=_get(vlm_cfg, "device", "auto") or "auto",
                                   max_new_tokens=max_new, max_images=max_images, timeout_s=timeout,
                                   model_info=info, threads=_get(vlm_cfg, "threads"))
     backend.from_first_language = bool(from_first)
+    backend.uses_concepts = bool(concepts) and str(concepts).lower() != "none"
     return backend

@@ -13,7 +13,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from inference.types import LANGUAGES, SIDES, ModelInfo, ReportText
+from inference.types import LANGUAGES, SEGMENTS, SIDES, ModelInfo, ReportText
 
 # Section headers the model is asked for (first one of each list) and those the parser accepts.
 HEADERS: dict[str, dict[str, list[str]]] = {
@@ -58,6 +58,55 @@ PROMPTS_FROM = {
 }
 
 
+# The line a prompt gains when the lesion model's findings ("concepts") are given: a model trained
+# with them (bundle manifest ``vlm.training.concepts``) writes its report from them and the images.
+CONCEPT_LINES = {
+    "en": {"head": "Lesion model: ", "sep": "; ", "none": "no stenosis"},
+    "ja": {"head": "病変モデル: ", "sep": "、", "none": "狭窄なし"},
+}
+
+
+def normalise_concepts(concepts: Iterable[dict]) -> list[dict]:
+    """The lesion model's findings in a fixed form and order: one per AHA segment (the highest
+    grade when a segment is listed twice), LCA before RCA, then by segment number; the side and
+    vessel follow the segment (``inference.types.SEGMENTS``) when it is an AHA segment."""
+    best: dict = {}
+    for f in concepts or ():
+        if f.get("severity") is None or str(f.get("severity")) == "":
+            continue  # nothing to say about it
+        seg = f.get("segment")
+        try:
+            seg = int(seg)
+        except (TypeError, ValueError):
+            seg = None if seg is None or str(seg) == "" else str(seg)
+        if isinstance(seg, int) and seg in SEGMENTS:
+            side, vessel = SEGMENTS[seg][0], SEGMENTS[seg][1]
+        else:
+            vessel = str(f.get("vessel") or "")
+            side = str(f.get("side") or ("RCA" if vessel.upper() in ("RCA", "PDA") else "LCA" if vessel else ""))
+        d = {"side": side, "vessel": vessel, "segment": seg, "severity": int(round(float(f["severity"])))}
+        key = (side, vessel, seg)
+        if key not in best or d["severity"] > best[key]["severity"]:
+            best[key] = d
+
+    def order(d: dict):
+        side = SIDES.index(d["side"]) if d["side"] in SIDES else len(SIDES)
+        seg = d["segment"]
+        return (side, 0, seg, "", "") if isinstance(seg, int) else (side, 1, 0, str(seg or ""), d["vessel"])
+
+    return sorted(best.values(), key=order)
+
+
+def concepts_line(concepts: Iterable[dict], language: str) -> str:
+    """One compact line naming the lesion model's findings, e.g. ``Lesion model: LAD #6 90%;
+    RCA #2 75%`` / ``病変モデル: LAD #6 90%、RCA #2 75%``; an empty list (the lesion model saw no
+    stenosis) gives ``Lesion model: no stenosis`` / ``病変モデル: 狭窄なし``."""
+    c = CONCEPT_LINES[check_language(language)]
+    items = [f"{f['vessel']} #{f['segment']} {f['severity']}%" if f["segment"] is not None
+             else f"{f['vessel']} {f['severity']}%" for f in normalise_concepts(concepts)]
+    return c["head"] + (c["sep"].join(items) if items else c["none"])
+
+
 class ReportError(RuntimeError):
     """The backend could not produce a report (server error after retries, bad model, ...)."""
 
@@ -73,11 +122,14 @@ def check_language(language: str) -> str:
 
 
 def build_prompt(language: str, sides: Optional[Sequence[str]] = None, n_images: Optional[int] = None,
-                 source: Optional[str] = None) -> str:
+                 source: Optional[str] = None, concepts: Optional[Sequence[dict]] = None) -> str:
     """The instruction text for ``language``; ``sides`` names the side of each image, in order.
 
     ``source``: the other language's draft (formatted with ``format_report``) to write this one
     from; training passes the reference report, serving the draft just generated.
+    ``concepts``: the lesion model's findings (``[{"side", "vessel", "segment", "severity"}]``;
+    ``[]`` = it saw no stenosis): the prompt ends with one more line, :func:`concepts_line`.
+    ``None`` (a model trained without them) leaves the prompt as it always was.
     """
     check_language(language)
     names = _SIDE_NAMES[language]
@@ -90,8 +142,12 @@ def build_prompt(language: str, sides: Optional[Sequence[str]] = None, n_images:
     else:
         layout = f"{n_images or 0} images" if language == "en" else f"{n_images or 0}枚"
     if source:
-        return PROMPTS_FROM[language].format(layout=layout, source=source.strip())
-    return PROMPTS[language].format(layout=layout)
+        prompt = PROMPTS_FROM[language].format(layout=layout, source=source.strip())
+    else:
+        prompt = PROMPTS[language].format(layout=layout)
+    if concepts is not None:
+        prompt += "\n" + concepts_line(concepts, language)
+    return prompt
 
 
 def format_report(sections: dict, language: str) -> str:
@@ -213,23 +269,30 @@ class ReportBackend(ABC):
         """The model's raw answer to ``prompt`` about ``images`` (deterministic)."""
 
     def generate(self, images: list[np.ndarray], language: str = "en",
-                 sides: Optional[Sequence[str]] = None, source: Optional[str] = None) -> ReportText:
-        """One language's draft; ``source``: another language's draft to write it from."""
+                 sides: Optional[Sequence[str]] = None, source: Optional[str] = None,
+                 concepts: Optional[Sequence[dict]] = None) -> ReportText:
+        """One language's draft; ``source``: another language's draft to write it from;
+        ``concepts``: the lesion model's findings, put into the prompt as given (``None``: none)."""
         check_language(language)
         images = list(images)[: self.max_images]
         if sides is not None:
             sides = list(sides)[: len(images)]
-        prompt = build_prompt(language, sides, len(images), source=source)
+        prompt = build_prompt(language, sides, len(images), source=source, concepts=concepts)
         return parse_report(self.generate_text(images, prompt), language)
 
     def generate_languages(self, images: list[np.ndarray], languages: Sequence[str],
-                           sides: Optional[Sequence[str]] = None) -> dict[str, ReportText]:
+                           sides: Optional[Sequence[str]] = None,
+                           concepts: Optional[Sequence[dict]] = None) -> dict[str, ReportText]:
         """Drafts in ``languages``, in order.  With ``from_first_language`` the later ones are
-        written from the first draft when it is well-formed (else from the images alone)."""
+        written from the first draft when it is well-formed (else from the images alone).
+        ``concepts`` go into every language's prompt, as given."""
         out: dict[str, ReportText] = {}
         source: Optional[str] = None
         for i, lang in enumerate(languages):
-            out[lang] = self.generate(images, lang, sides=sides, source=source)
+            if concepts is None:  # (subclasses that override generate without concepts keep working)
+                out[lang] = self.generate(images, lang, sides=sides, source=source)
+            else:
+                out[lang] = self.generate(images, lang, sides=sides, source=source, concepts=concepts)
             if i == 0 and self.from_first_language and out[lang].format_ok:
                 source = format_report(out[lang].to_dict(), lang)
         return out
@@ -239,11 +302,16 @@ class ReportBackend(ABC):
 
 
 def report_study(backend: ReportBackend, images_by_side, frames_for=None,
-                 languages: Iterable[str] = ("en", "ja")) -> dict[str, ReportText]:
+                 languages: Iterable[str] = ("en", "ja"),
+                 concepts: Optional[Sequence[dict]] = None) -> dict[str, ReportText]:
     """One report per language for one study.
 
     ``images_by_side``: ``{"LCA": [frame, ...], "RCA": [...]}`` with key frames best first; or
     a list of ``RunSelection`` together with ``frames_for(run, frame_number) -> frame``.
+    ``concepts``: the lesion model's findings for the study (``[]``: it saw no stenosis; e.g.
+    ``inference.reporting.findings_from_lesions``); passed to the model only when
+    ``backend.uses_concepts`` (a model trained without them keeps its usual prompt), so a caller
+    may always pass what it has.
     """
     if not isinstance(images_by_side, dict):
         runs = list(images_by_side)
@@ -263,4 +331,6 @@ def report_study(backend: ReportBackend, images_by_side, frames_for=None,
     images, sides = select_images(images_by_side, backend.max_images)
     if not images:
         raise ReportError("no key frames to report on")
+    if concepts is not None and getattr(backend, "uses_concepts", False):
+        return backend.generate_languages(images, list(languages), sides=sides, concepts=list(concepts))
     return backend.generate_languages(images, list(languages), sides=sides)

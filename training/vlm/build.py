@@ -140,11 +140,34 @@ def _prompt_corpus() -> list[str]:
     return out
 
 
+def _concept_corpus(studies) -> list[str]:
+    """Concept lines for the tokenizer (only a model trained with concepts): every study's true
+    findings, no stenosis, and every segment at every grade (spurious detections included)."""
+    from inference.types import SEGMENTS
+    from inference.vlm.base import concepts_line
+    from training.vlm.concepts import GRADES, true_concepts
+
+    out = []
+    every = [{"segment": seg, "severity": g} for seg in sorted(SEGMENTS) for g in GRADES]
+    for lang in ("en", "ja"):
+        out.append(concepts_line([], lang))
+        out += [concepts_line(every[i:i + 3], lang) for i in range(0, len(every), 3)]
+        out += [concepts_line(true_concepts(s), lang) for s in studies]
+    return out
+
+
 def build_vlm(data_dir: str | Path, bundle_dir: str | Path, seed: int = 0, budget_s: float = 150.0,
               quick: bool = False, tiny: TinyConfig | None = None, train_cfg=None,
-              evaluate: bool = True, version: str = "0.1.0", max_studies: int | None = None) -> dict:
+              evaluate: bool = True, version: str = "0.1.0", max_studies: int | None = None,
+              concepts: str | None = None) -> dict:
     """The demo VLM: tokenizer + tiny Gemma3 trained (full fine-tune) on ``data_dir``'s key frames
     and reports, saved into ``bundle_dir/vlm``, manifest updated; returns metrics.
+
+    ``concepts``: "findings" trains every prompt with the study's true findings perturbed like a
+    lesion detector's errors (``training.vlm.concepts``; manifest ``vlm.training.concepts``), so
+    the node can give the model the lesion model's findings; "none" (default) the images alone.
+    ``None`` keeps ``train_cfg.concepts`` (else "none").  The validation evaluation of a model
+    with concepts gives it the noisy truth (the training perturbation with another seed).
 
     ``quick`` (tests) trains for ~1/4 of the budget.  Validation studies are split off by patient.
     ``max_studies``: use only the first N studies (in StudyInstanceUID order, so a fixed subset):
@@ -164,6 +187,12 @@ def build_vlm(data_dir: str | Path, bundle_dir: str | Path, seed: int = 0, budge
     torch.manual_seed(seed)
     tiny = tiny or TinyConfig()
     cfg = train_cfg or TrainConfig(budget_s=budget_s / 4 if quick else budget_s, seed=seed, progress=not quick)
+    if concepts is not None:
+        from dataclasses import replace
+
+        from training.vlm.concepts import check_mode
+
+        cfg = replace(cfg, concepts=check_mode(concepts))
     studies = load_examples(data_dir)
     if max_studies is not None:
         if max_studies < 1:
@@ -174,6 +203,8 @@ def build_vlm(data_dir: str | Path, bundle_dir: str | Path, seed: int = 0, budge
     parts = split_examples(studies, val_frac=0.2, seed=seed)
     train, val = parts["train"] or studies, parts["val"]
     corpus = report_corpus(studies) + _prompt_corpus()
+    if cfg.concepts != "none":
+        corpus += _concept_corpus(studies)
     tokenizer = train_tokenizer(corpus, vocab_size=tiny.vocab_size)
     processor = build_processor(tokenizer, tiny)
     model = build_tiny_model(tokenizer, tiny, seed=seed)
@@ -201,8 +232,16 @@ def build_vlm(data_dir: str | Path, bundle_dir: str | Path, seed: int = 0, budge
 
         c = fit_vlscore_c([enc.encode_image([frames(r) for r in s.frames(cfg.max_images)[0]]) for s in fit],
                           [enc.encode_text(format_report(s.report["en"], "en")) for s in fit], seed=seed)
+        concepts_for = None
+        if cfg.concepts != "none":
+            from training.vlm.concepts import concepts_source
+
+            backend.uses_concepts = True
+            concepts_for = concepts_source("noisy", seed=seed)
         ev = evaluate_backend(backend, val, most_common_reports(train), cfg.languages, enc, c,
-                              frame_cache=frames, keep_outputs=False)
+                              frame_cache=frames, keep_outputs=False, concepts_for=concepts_for)
+        if concepts_for is not None:
+            ev["concepts"] = f"noisy (seed {seed})"
         metrics["val"] = ev
         metrics["vlscore_c"] = c
     metrics["build_seconds"] = round(time.monotonic() - t0, 1)
@@ -239,6 +278,11 @@ def _summary(metrics: dict) -> dict:
             out[f"{lang}_baseline_treatment_agreement"] = m["baseline_clinical"]["treatment_agreement"]
             out[f"{lang}_bleu"] = m["bleu"]
             out[f"{lang}_format_ok"] = m["format_ok"]
+    if val.get("concepts"):
+        out["val_concepts"] = val["concepts"]
+        for lang in ("en", "ja"):
+            if (val.get(lang) or {}).get("concepts_clinical"):
+                out[f"{lang}_concepts_finding_f1"] = val[lang]["concepts_clinical"]["severity"]["f1"]
     if "language_agreement" in val:
         out["language_agreement"] = val["language_agreement"]
     if "latency_s_per_study" in val:

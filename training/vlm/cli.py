@@ -3,9 +3,18 @@
     cag-node train vlm --data DIR --out BUNDLE [--base MODEL_DIR | --build-tiny]
                        [--lora | --full] [--rank 16 --alpha 32 --dropout 0.05 --target-modules REGEX]
                        [--steps N | --budget-s S] [--lr X] [--batch-size N] [--merge] [--resume]
-                       [--checkpoint-every N] [--seed S] [--device auto|cpu|cuda] [--json]
+                       [--checkpoint-every N] [--seed S] [--device auto|cpu|cuda]
+                       [--concepts none|findings] [--json]
     cag-node evaluate vlm --data DIR --bundle BUNDLE [--split val|test|train|all] [--limit N]
+                       [--concepts none|truth|noisy] [--concepts-seed S]
                        [--rating-export FILE.csv|.jsonl] [--import-ratings FILE] [--json]
+
+``--concepts findings`` trains the VLM to read the lesion model's findings in its prompt (the
+true findings perturbed like a detector's errors, ``training.vlm.concepts``); the manifest records
+it (``vlm.training.concepts``) and the node then passes the lesion model's findings.  ``evaluate
+vlm --concepts`` says what such a model is given per study: ``truth``, ``noisy`` (the training
+perturbation under another seed) or ``none``; default: ``noisy`` for a model trained with
+concepts, ``none`` otherwise (a model trained without them is never given any).
 
 ``--data`` is a synthetic dataset folder (labels.jsonl) or a hospital JSONL (see
 ``training.vlm.data``).  The model, tokenizer/processor and (unless merged) the LoRA adapter
@@ -47,6 +56,9 @@ def register_train(sub) -> None:
                    help="learn each language from the images alone (default: later languages are written "
                    "from the first language's report, so the drafts agree)")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--concepts", default="none", choices=["none", "findings"],
+                   help="findings: every prompt names the study's findings, perturbed like a lesion "
+                   "detector's errors, so the model learns to write from the lesion model's findings")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--version", default="0.1.0", help="version recorded in the manifest")
@@ -64,6 +76,11 @@ def register_evaluate(sub) -> None:
     p.add_argument("--languages", default="en,ja")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-vlscore", action="store_true")
+    p.add_argument("--concepts", default=None, choices=["none", "truth", "noisy"],
+                   help="the lesion-model findings given to a model trained with concepts: the true "
+                   "findings, noisy ones (the training perturbation, another seed) or none "
+                   "(default: noisy for such a model, none otherwise)")
+    p.add_argument("--concepts-seed", type=int, default=1, help="seed of the --concepts noisy perturbation")
     p.add_argument("--rating-export", default=None, help="write a clinician rating sheet (.csv or .jsonl)")
     p.add_argument("--import-ratings", default=None, help="summarise a filled rating sheet (no generation)")
     p.add_argument("--outputs", action="store_true", help="include the generated reports in the JSON")
@@ -90,11 +107,18 @@ def _print(metrics: dict, as_json: bool) -> None:
         if not m:
             continue
         c, b = m["clinical"], m["baseline_clinical"]
+        if m.get("concepts_clinical"):
+            k = m["concepts_clinical"]
+            print(f"[{lang}] the concepts alone (templated report): finding F1 {k['severity']['f1']:.3f} "
+                  f"(vessel {k['vessel']['f1']:.3f}); treatment agreement {k['treatment_agreement']}")
         print(f"[{lang}] finding F1 {c['severity']['f1']:.3f} (vessel {c['vessel']['f1']:.3f}, side "
               f"{c['side']['f1']:.3f}) vs baseline {b['severity']['f1']:.3f}; treatment agreement "
               f"{c['treatment_agreement']} vs {b['treatment_agreement']}; BLEU {m['bleu']:.3f} ROUGE-L "
               f"{m['rouge_l']:.3f}; format ok {m['format_ok']:.2f}"
               + (f"; VLScore {m['vlscore']:.3f} vs {m['baseline_vlscore']:.3f}" if "vlscore" in m else ""))
+    concepts = metrics.get("concepts", (metrics.get("val") or {}).get("concepts"))
+    if concepts:
+        print(f"concepts given to the model: {concepts}")
     agree = metrics.get("language_agreement", (metrics.get("val") or {}).get("language_agreement"))
     if agree is not None:
         print(f"EN/JA drafts agree (findings and treatment) in {agree:.0%} of studies")
@@ -115,7 +139,7 @@ def _train(args) -> int:
                       lr=args.lr or (1e-3 if lora else 2e-3), max_images=args.max_images, languages=langs,
                       lora=spec, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
                       checkpoint_every=args.checkpoint_every, progress=sys.stderr.isatty(),
-                      from_first_language=not args.independent_languages)
+                      from_first_language=not args.independent_languages, concepts=args.concepts)
     try:
         metrics = train_vlm(args.data, args.out, base=args.base, cfg=cfg, merge=args.merge, resume=args.resume,
                             device=args.device, version=args.version, evaluate=not args.no_eval)
@@ -140,8 +164,8 @@ def train_vlm(data, out, base=None, cfg=None, merge: bool = False, resume: bool 
 
     from inference.bundle import VLMSpec, sha256_dir, update_manifest
     from inference.vlm.transformers_backend import TransformersBackend, family_of, load_model
-    from training.vlm.build import (TinyConfig, _prompt_corpus, _summary, build_processor, build_tiny_model,
-                                    n_parameters, save_vlm)
+    from training.vlm.build import (TinyConfig, _concept_corpus, _prompt_corpus, _summary, build_processor,
+                                    build_tiny_model, n_parameters, save_vlm)
     from training.vlm.data import FrameCache, load_examples, report_corpus, split_examples
     from training.vlm.train import TrainConfig, train_model
 
@@ -165,7 +189,10 @@ def train_vlm(data, out, base=None, cfg=None, merge: bool = False, resume: bool 
         from training.vlm.tokenizer import train_tokenizer
 
         tiny = tiny or TinyConfig()
-        tokenizer = train_tokenizer(report_corpus(studies) + _prompt_corpus(), vocab_size=tiny.vocab_size)
+        corpus = report_corpus(studies) + _prompt_corpus()
+        if cfg.concepts != "none":
+            corpus += _concept_corpus(studies)
+        tokenizer = train_tokenizer(corpus, vocab_size=tiny.vocab_size)
         processor = build_processor(tokenizer, tiny)
         model = build_tiny_model(tokenizer, tiny, seed=cfg.seed).to(device)
         family, image_size, tiny_dict = tiny.family, tiny.image_size, tiny.to_dict()
@@ -201,8 +228,16 @@ def train_vlm(data, out, base=None, cfg=None, merge: bool = False, resume: bool 
         backend = TransformersBackend(vdir, model=serve_model, processor=processor, max_images=cfg.max_images,
                                       timeout_s=600)
         backend.from_first_language = cfg.from_first_language
+        concepts_for = None
+        if cfg.concepts != "none":
+            from training.vlm.concepts import concepts_source
+
+            backend.uses_concepts = True
+            concepts_for = concepts_source("noisy", seed=cfg.seed)
         metrics["val"] = evaluate_backend(backend, val, most_common_reports(train, cfg.languages), cfg.languages,
-                                          frame_cache=frames, keep_outputs=False)
+                                          frame_cache=frames, keep_outputs=False, concepts_for=concepts_for)
+        if concepts_for is not None:
+            metrics["val"]["concepts"] = f"noisy (seed {cfg.seed})"
     metrics["build_seconds"] = round(time.monotonic() - t0, 1)
     lora_d = None
     if cfg.lora is not None:
@@ -233,7 +268,8 @@ def _evaluate(args) -> int:
     try:
         res = evaluate_bundle(args.data, args.bundle, split=args.split, languages=_langs(args.languages),
                               limit=args.limit, vlscore=not args.no_vlscore, device=args.device,
-                              rating_export=args.rating_export)
+                              rating_export=args.rating_export, concepts=args.concepts,
+                              concepts_seed=args.concepts_seed)
     except (FileNotFoundError, ValueError) as exc:
         print(f"cag-node evaluate vlm: {exc}", file=sys.stderr)
         return 1

@@ -3,7 +3,9 @@
 1. Clinical correctness against the structured ground truth: findings parsed from the
    generated text (side, vessel, segment, severity) -> micro precision / recall / F1 per
    level, and treatment agreement; always next to a no-image baseline (the most common
-   training report), so the numbers show whether the model reads the image.
+   training report), so the numbers show whether the model reads the image.  A model trained
+   with the lesion model's findings ("concepts") is given them per study (``concepts_for``);
+   the templated report from the concepts alone is scored next to it (``concepts_clinical``).
 2. BLEU-4 and ROUGE-L per language (words for English, characters for Japanese).
 3. VLScore (Dawidowicz et al. 2024): a = img - gen, b = img - ref,
    area = 0.5 * sqrt(|a|^2 |b|^2 - (a.b)^2), score = max(1 - area / C, 0), with a pluggable
@@ -19,12 +21,13 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import re
 import statistics
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Optional, Protocol, Sequence
+from typing import Callable, Iterable, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -32,6 +35,8 @@ from inference.vlm.findings import (  # noqa: F401  (re-exported: the parser liv
     AHA, RCA_VESSELS, TREATMENTS, VESSEL_ALIASES, normalise_finding, normalise_segment, normalise_vessel,
     parse_findings, parse_treatment, report_content, side_of,
 )
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- clinical metrics
 
@@ -316,10 +321,22 @@ def _truth(study, lang: str) -> list[dict]:
     return parse_findings(study.report.get(lang, {}).get("findings", ""))
 
 
+ConceptsFor = Callable[[object], Optional[list]]
+
+
 def evaluate_backend(backend, studies, baseline: dict[str, dict], languages=("en", "ja"),
                      encoder: Optional[ImageTextEncoder] = None, vlscore_c: Optional[float] = None,
-                     frame_cache=None, keep_outputs: bool = True) -> dict:
-    """Generate for every study and score it (and the no-image baseline) against the truth."""
+                     frame_cache=None, keep_outputs: bool = True,
+                     concepts_for: Optional[ConceptsFor] = None) -> dict:
+    """Generate for every study and score it (and the no-image baseline) against the truth.
+
+    ``concepts_for(example) -> list[dict] | None``: the lesion model's findings to put into the
+    prompt for a study (``[]``: it saw no stenosis; ``None``: no concepts line), e.g.
+    ``training.vlm.concepts.concepts_source("truth" | "noisy")`` or a lesion model run on the
+    study's key frames.  They are passed as given (the caller decides whether the model was
+    trained with them); each language then also gets ``concepts_clinical``: the score of the
+    templated report written from the concepts alone (what the node drafts without a VLM).
+    """
     import time
 
     from inference.vlm.base import format_report
@@ -330,18 +347,29 @@ def evaluate_backend(backend, studies, baseline: dict[str, dict], languages=("en
     latencies = []
     outputs = []
     images_of = []
+    given: list[Optional[list]] = []
     for s in studies:
         refs, sides = s.frames(backend.max_images)
         images = [frames(r) for r in refs]
         images_of.append(images)
+        concepts = concepts_for(s) if concepts_for is not None else None
+        given.append(concepts)
         t0 = time.perf_counter()
-        rep = backend.generate_languages(images, list(languages), sides=sides)
+        if concepts is not None:
+            rep = backend.generate_languages(images, list(languages), sides=sides, concepts=concepts)
+        else:
+            rep = backend.generate_languages(images, list(languages), sides=sides)
         for lang in languages:
             gens[lang].append(rep[lang])
         latencies.append(time.perf_counter() - t0)
         if keep_outputs:
-            outputs.append({"study_uid": s.study_uid, "report": {k: v.to_dict() for k, v in rep.items()}})
+            o = {"study_uid": s.study_uid, "report": {k: v.to_dict() for k, v in rep.items()}}
+            if concepts is not None:
+                o["concepts"] = concepts
+            outputs.append(o)
     result: dict = {"n_studies": len(studies), "languages": list(languages)}
+    if concepts_for is not None:
+        result["n_with_concepts"] = sum(c is not None for c in given)
     enc_img = [encoder.encode_image(ims) for ims in images_of] if encoder is not None else None
     for lang in languages:
         idx = [i for i, s in enumerate(studies) if lang in s.report]
@@ -359,6 +387,14 @@ def evaluate_backend(backend, studies, baseline: dict[str, dict], languages=("en
         ref = [format_report(studies[i].report[lang], lang) for i in idx]
         bl = [format_report(b, lang) if b else "" for _ in idx]
         ref_parse = clinical_scores([parse_findings(studies[i].report[lang]["findings"]) for i in idx], truth)
+        concepts_m = None
+        if concepts_for is not None:
+            from inference.reporting import templated_report
+
+            # The concepts alone, written with the report templates and scored like a draft.
+            tmpl = [report_content(templated_report(given[i] or [], languages=(lang,))[lang])
+                    if given[i] is not None else ([], None) for i in idx]
+            concepts_m = clinical_scores([t[0] for t in tmpl], truth, [t[1] for t in tmpl], true_treat)
         m = {
             "clinical": clinical_scores(pred, truth, pred_treat, true_treat),
             "baseline_clinical": clinical_scores(base_pred, truth, base_treat, true_treat),
@@ -370,6 +406,8 @@ def evaluate_backend(backend, studies, baseline: dict[str, dict], languages=("en
             "format_ok": round(sum(r.format_ok for r in g) / max(len(g), 1), 4),
             "exact_report": round(sum(h == r for h, r in zip(hyp, ref)) / max(len(ref), 1), 4),
         }
+        if concepts_m is not None:
+            m["concepts_clinical"] = concepts_m
         if encoder is not None:
             ref_e = [encoder.encode_text(t) for t in ref]
             gen_e = [encoder.encode_text(t) for t in hyp]
@@ -399,9 +437,19 @@ def evaluate_backend(backend, studies, baseline: dict[str, dict], languages=("en
 
 def evaluate_bundle(data: str | Path, bundle_dir: str | Path, split: str = "val", seed: int = 0,
                     languages=("en", "ja"), limit: Optional[int] = None, vlscore: bool = True,
-                    device: str = "cpu", max_new_tokens: int = 256, rating_export: Optional[str] = None) -> dict:
+                    device: str = "cpu", max_new_tokens: int = 256, rating_export: Optional[str] = None,
+                    concepts: Optional[str] = None, concepts_seed: int = 1,
+                    concepts_for: Optional[ConceptsFor] = None) -> dict:
     """``cag-node evaluate vlm``: the bundle's VLM on a split of ``data`` (patient-level split with
-    the same seed as training; ``split="all"`` uses every study)."""
+    the same seed as training; ``split="all"`` uses every study).
+
+    The lesion model's findings given to a VLM trained with them (manifest
+    ``vlm.training.concepts``): ``concepts_for(example) -> list[dict] | None`` when given (e.g.
+    a lesion model's findings for the study), else ``concepts``: "truth" (the study's findings),
+    "noisy" (the training perturbation drawn with ``concepts_seed``) or "none"; ``None`` = "noisy"
+    for a model trained with concepts, "none" otherwise.  A model trained without concepts is
+    never given any (as the node does); ``result["concepts"]`` says what was used.
+    """
     from inference.bundle import Bundle
     from inference.vlm import load_backend
     from training.vlm.data import load_examples, split_examples
@@ -423,12 +471,26 @@ def evaluate_bundle(data: str | Path, bundle_dir: str | Path, split: str = "val"
     backend = load_backend({"backend": "bundle", "device": device, "max_new_tokens": max_new_tokens,
                             "max_images": int((vs.training or {}).get("max_images", 4)) if vs else 4,
                             "timeout_s": 600}, bundle)
+    from training.vlm.concepts import check_mode, concepts_source
+
+    if concepts_for is not None:
+        used = "custom"
+    else:
+        mode = check_mode(concepts, ("none", "truth", "noisy")) if concepts is not None else (
+            "noisy" if backend.uses_concepts else "none")
+        concepts_for = concepts_source(mode, seed=concepts_seed)
+        used = mode if mode != "noisy" else f"noisy (seed {concepts_seed})"
+    if concepts_for is not None and not backend.uses_concepts:
+        log.warning("evaluate vlm: the bundle's VLM was trained without concepts; none are given to it")
+        concepts_for, used = None, f"none (asked for {used}; the model was trained without concepts)"
     encoder = None
     c = None
     if vlscore and hasattr(backend, "model"):
         encoder = VLMEmbeddingEncoder(backend.model, backend.processor)
         c = (vs.metrics or {}).get("vlscore_c") if vs else None
-    res = evaluate_backend(backend, test, most_common_reports(train, languages), languages, encoder, c)
+    res = evaluate_backend(backend, test, most_common_reports(train, languages), languages, encoder, c,
+                           concepts_for=concepts_for)
+    res["concepts"] = used
     res["split"] = split
     res["model"] = backend.model_info.to_dict()
     if rating_export:

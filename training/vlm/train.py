@@ -65,11 +65,24 @@ class TrainConfig:
     # Languages after the first are learnt from the first one's reference report (and the images),
     # so that at serving time they are written from the first draft and say the same thing.
     from_first_language: bool = True
+    # "findings": every prompt carries the study's ground-truth findings perturbed like a lesion
+    # detector's errors (``training.vlm.concepts``), so the model learns to write its report from
+    # the lesion model's findings; "none": today's prompts.
+    concepts: str = "none"
+    concept_noise: Optional[dict] = None  # None: training.vlm.concepts.NOISE
+    concept_variants: int = 8  # perturbations drawn per (study, language); one per step at random
     progress: bool = True
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["languages"] = list(self.languages)
+        if d["concepts"] == "none":  # a bundle trained without concepts records none of it
+            for k in ("concepts", "concept_noise", "concept_variants"):
+                d.pop(k)
+        elif d["concept_noise"] is None:
+            from training.vlm.concepts import NOISE
+
+            d["concept_noise"] = dict(NOISE)
         return d
 
 
@@ -78,23 +91,28 @@ def end_of_answer(processor, family: str) -> str:
 
 
 class Encoded:
-    """One (study, language) training sample: token ids + labels; pixels looked up per step."""
+    """One (study, language) training sample: token ids + labels; pixels looked up per step.
 
-    __slots__ = ("study", "lang", "input_ids", "labels", "token_type_ids")
+    ``variants``: other encodings of the same sample (prompts with differently perturbed
+    concepts), one chosen at random per step; the first is the one in the attributes."""
 
-    def __init__(self, study, lang, input_ids, labels, token_type_ids):
+    __slots__ = ("study", "lang", "input_ids", "labels", "token_type_ids", "variants")
+
+    def __init__(self, study, lang, input_ids, labels, token_type_ids, variants=None):
         self.study, self.lang = study, lang
         self.input_ids, self.labels, self.token_type_ids = input_ids, labels, token_type_ids
+        self.variants = variants or [(input_ids, labels, token_type_ids)]
 
 
 def encode_sample(processor, family: str, n_images: int, sides: list[str], lang: str, target: str,
-                  source: Optional[str] = None):
+                  source: Optional[str] = None, concepts: Optional[list[dict]] = None):
     """Token ids / labels for a prompt with ``n_images`` images and the answer ``target``
-    (``source``: the other language's report the answer is written from)."""
+    (``source``: the other language's report the answer is written from; ``concepts``: the
+    lesion model's findings the prompt names)."""
     from PIL import Image
 
     blank = [Image.new("RGB", (8, 8)) for _ in range(n_images)]
-    prompt = build_prompt(lang, sides, n_images, source=source)
+    prompt = build_prompt(lang, sides, n_images, source=source, concepts=concepts)
     if family == "paligemma":
         b = build_inputs(processor, family, blank, prompt, target=target)
         ids = b["input_ids"][0].tolist()
@@ -127,8 +145,21 @@ class PixelCache:
         return t
 
 
+def training_concepts(study: StudyExample, cfg: TrainConfig, lang: str, variant: int) -> Optional[list[dict]]:
+    """The concepts in one training prompt: ``None`` without ``cfg.concepts``; else the study's
+    true findings perturbed (seeded by ``cfg.seed``, the study, the language and ``variant``)."""
+    if cfg.concepts == "none":
+        return None
+    from training.vlm.concepts import check_mode, perturb_findings, study_rng, true_concepts
+
+    check_mode(cfg.concepts)
+    rng = study_rng(cfg.seed, f"{study.study_uid}:{lang}:{variant}", "train")
+    return perturb_findings(true_concepts(study), rng, cfg.concept_noise)
+
+
 def encode_dataset(processor, family: str, studies: list[StudyExample], cfg: TrainConfig) -> list[Encoded]:
     out = []
+    n_var = max(1, int(cfg.concept_variants)) if cfg.concepts != "none" else 1
     for s in studies:
         refs, sides = s.frames(cfg.max_images)
         first = cfg.languages[0] if cfg.languages else None
@@ -139,27 +170,37 @@ def encode_dataset(processor, family: str, studies: list[StudyExample], cfg: Tra
             source = None
             if cfg.from_first_language and lang != first and first in s.report:
                 source = format_report(s.report[first], first)
-            ids, labels, tt = encode_sample(processor, family, len(refs), sides, lang, target, source=source)
-            out.append(Encoded(s, lang, ids, labels, tt))
+            variants = []
+            done: dict = {}
+            for v in range(n_var):
+                c = training_concepts(s, cfg, lang, v)
+                key = None if c is None else tuple(tuple(sorted(f.items())) for f in c)
+                if key not in done:  # the same draw twice is encoded once, and kept twice (its rate)
+                    done[key] = encode_sample(processor, family, len(refs), sides, lang, target, source=source,
+                                              concepts=c)
+                variants.append(done[key])
+            ids, labels, tt = variants[0]
+            out.append(Encoded(s, lang, ids, labels, tt, variants))
     return out
 
 
 def collate(samples: list[Encoded], pixels: PixelCache, cfg: TrainConfig, rng: random.Random, pad_id: int):
     import torch
 
-    n = max(len(s.input_ids) for s in samples)
+    enc = [s.variants[rng.randrange(len(s.variants))] if len(s.variants) > 1 else s.variants[0] for s in samples]
+    n = max(len(e[0]) for e in enc)
     ids = torch.full((len(samples), n), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), n), -100, dtype=torch.long)
     att = torch.zeros((len(samples), n), dtype=torch.long)
     tt = torch.zeros((len(samples), n), dtype=torch.long)
     pix = []
-    for i, s in enumerate(samples):
-        L = len(s.input_ids)
-        ids[i, :L] = torch.tensor(s.input_ids)
-        labels[i, :L] = torch.tensor(s.labels)
+    for i, (s, (s_ids, s_labels, s_tt)) in enumerate(zip(samples, enc)):
+        L = len(s_ids)
+        ids[i, :L] = torch.tensor(s_ids)
+        labels[i, :L] = torch.tensor(s_labels)
         att[i, :L] = 1
-        if s.token_type_ids is not None:
-            tt[i, :L] = torch.tensor(s.token_type_ids)
+        if s_tt is not None:
+            tt[i, :L] = torch.tensor(s_tt)
         refs, _ = s.study.frames(cfg.max_images, rng if cfg.random_frames else None)
         pix.extend(pixels(r) for r in refs)
     batch = {"input_ids": ids, "attention_mask": att, "labels": labels, "token_type_ids": tt}
