@@ -414,20 +414,22 @@ def exposed_field(x: np.ndarray) -> np.ndarray:
     border = np.zeros(x.shape[-2:], bool)
     border[[0, -1], :] = True
     border[:, [0, -1]] = True
-    outside = dark & border
     step = max(1, s // 24)
-    for _ in range(s):  # flood fill from the border through black pixels
-        grown = (box_blur(outside.astype(np.float32), step) > 1e-3) & dark
-        if np.array_equal(grown, outside):
-            break
-        outside = grown
+    # flood fill from the border through black pixels, jumping gaps of up to ``step`` pixels:
+    # a geodesic dilation by a (2 step + 1)^2 square inside ``dark``, repeated until it stops
+    # growing (scipy does it ~9x faster than the equivalent loop of box blurs it replaces;
+    # the result is identical, tests/inference/test_frames.py)
+    from scipy.ndimage import binary_dilation
+
+    square = np.ones((1,) * (x.ndim - 2) + (2 * step + 1, 2 * step + 1), bool)
+    outside = binary_dilation(dark & border, structure=square, iterations=0, mask=dark)
     r = max(2, s // 16)
     closed = box_blur((box_blur(lit.astype(np.float32), r) > 1e-3).astype(np.float32), r) > 1 - 1e-3
     field = (~outside | closed).astype(np.float32)
     return (box_blur(field, max(1, s // 64)) > 1 - 1e-3).astype(np.float32)
 
 
-def flatfield(x: np.ndarray) -> np.ndarray:
+def flatfield(x: np.ndarray, field: Optional[np.ndarray] = None) -> np.ndarray:
     """Detail image of square display frames in [0, 1] (shape (S, S) or (B, S, S)) -> [0, 1].
 
     Why: real and synthetic runs (and two real cath labs) differ most in what a coronary
@@ -438,10 +440,14 @@ def flatfield(x: np.ndarray) -> np.ndarray:
     its own RMS inside the field and mapped to 0.5 + z/8 (clipped at 4 RMS).  Outside the
     exposed field (shutters, letterbox, image-intensifier circle) the output is 0.5, i.e. "no
     detail", so collimation is no cue.  Dark vessels stay darker than their surroundings.
+
+    ``field``: the frames' :func:`exposed_field` when the caller has it already (training
+    computes it once per cached frame: it is the costly part, and photometric augmentation
+    does not move a shutter).
     """
     x = np.asarray(x, dtype=np.float32)
     s = x.shape[-1]
-    field = exposed_field(x)
+    field = exposed_field(x) if field is None else np.asarray(field, dtype=np.float32)
     n = field.sum(axis=(-2, -1), keepdims=True)
     # a black or nearly black frame: treat all of it as exposed
     field = np.where(n < 0.05 * s * s, np.float32(1), field)
@@ -455,12 +461,12 @@ def flatfield(x: np.ndarray) -> np.ndarray:
     return np.where(field > 0, 0.5 + z * 0.125, 0.5).astype(np.float32)
 
 
-def normalize_frame(x: np.ndarray, method: str) -> np.ndarray:
+def normalize_frame(x: np.ndarray, method: str, field: Optional[np.ndarray] = None) -> np.ndarray:
     """Apply a named normalisation (``NORMALIZATIONS``) to square frames in [0, 1]."""
     if method == "none":
         return x
     if method == "flatfield":
-        return flatfield(x)
+        return flatfield(x, field)
     raise ValueError(f"unknown preprocessing normalize {method!r} (one of {', '.join(NORMALIZATIONS)})")
 
 
@@ -471,12 +477,12 @@ def model_frame(frame: np.ndarray, spec: Any) -> np.ndarray:
     return resize_square(frame, _spec_values(spec)[0])
 
 
-def finish_input(x: np.ndarray, spec: Any) -> np.ndarray:
+def finish_input(x: np.ndarray, spec: Any, field: Optional[np.ndarray] = None) -> np.ndarray:
     """Step 2 of :func:`preprocess`: square display frame(s) (S, S) or (B, S, S) in [0, 1] ->
     model input (C, S, S) or (B, C, S, S): the bundle's ``normalize``, ``(x - mean) / std``,
     channels replicated."""
     _, channels, mean, std, method = _spec_values(spec)
-    x = normalize_frame(np.asarray(x, dtype=np.float32), method)
+    x = normalize_frame(np.asarray(x, dtype=np.float32), method, field)
     x = ((x - np.float32(mean)) / np.float32(std)).astype(np.float32, copy=False)
     x = np.expand_dims(x, -3)
     if channels > 1:

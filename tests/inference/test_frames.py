@@ -299,3 +299,48 @@ def test_exposed_field_keeps_dark_areas_inside_the_field():
     assert e[field].mean() > 0.9 and e[~field].max() == 0.0
     full = np.full((64, 64), 0.6, np.float32)  # a frame with no collimation at all
     assert exposed_field(full).mean() > 0.9
+
+
+def _flood_by_box_blurs(dark, border, step):
+    """The exposed field's flood fill as first written (a loop of box blurs): the reference."""
+    from inference.frames import box_blur
+
+    outside = dark & border
+    for _ in range(dark.shape[-1]):
+        grown = (box_blur(outside.astype(np.float32), step) > 1e-3) & dark
+        if np.array_equal(grown, outside):
+            break
+        outside = grown
+    return outside
+
+
+def test_exposed_field_flood_fill_equals_the_box_blur_loop():
+    """scipy's geodesic dilation gives exactly the field the box-blur loop gave (so bundles
+    trained before the change see the same inputs), on shutters, circles, letterboxes and noise."""
+    from scipy.ndimage import binary_dilation
+
+    rng = np.random.default_rng(3)
+    s = 96
+    yy, xx = np.mgrid[0:s, 0:s]
+    frames = []
+    for k in range(6):
+        f = rng.uniform(0.2, 0.9, (s, s)).astype(np.float32)
+        if k % 3 == 0:
+            f[(yy - s / 2) ** 2 + (xx - s / 2) ** 2 > (0.45 * s) ** 2] = 0
+        if k % 3 == 1:
+            f[:, : s // 6] = 0
+            f[: s // 8, :] = 0
+        f[rng.random((s, s)) < 0.05] = 0  # black specks inside the field
+        f[s // 2 - 3: s // 2 + 3, :] = 0  # a dark band crossing the field
+        frames.append(f)
+    x = np.stack(frames)
+    level = np.percentile(x.reshape(len(x), -1), 95, axis=-1)[:, None, None]
+    dark = ~(x > np.maximum(0.004, 0.03 * level))
+    border = np.zeros((s, s), bool)
+    border[[0, -1], :] = True
+    border[:, [0, -1]] = True
+    step = max(1, s // 24)
+    ref = _flood_by_box_blurs(dark, border, step)
+    got = binary_dilation(dark & border, structure=np.ones((1, 2 * step + 1, 2 * step + 1), bool),
+                          iterations=0, mask=dark)
+    assert np.array_equal(ref, got)
