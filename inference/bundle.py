@@ -89,6 +89,8 @@ class LesionSpec(BaseModel):
     peak_threshold: float = 0.3
     min_distance: int = 6
     vessel_threshold: float = 0.5
+    # the input carries two frame-position channels after the image (inference.lesions.add_coords)
+    coords: bool = False
     sha256: Optional[str] = None
     version: str = "0"
     training: dict[str, Any] = Field(default_factory=dict)

@@ -58,6 +58,16 @@ class FrameMaps:
     segment: np.ndarray  # uint8: 0 background, 1-15 AHA, 16 other branch (argmax on vessel pixels)
     heatmap: np.ndarray  # P(lesion centre), float32
     severity: np.ndarray  # % stenosis / 100, float32
+    segment_logits: Optional[np.ndarray] = None  # (16, S, S): classes 1-16
+
+    def segments_of(self, side: Optional[str]) -> np.ndarray:
+        """The segment map with the choice restricted to ``side``'s AHA segments (and 16, other
+        branches): the selector, which sees the whole run, knows the side better than a pixel."""
+        if side is None or self.segment_logits is None:
+            return self.segment
+        allowed = [k for k in range(1, 16) if SEGMENTS[k][0] == side] + [16]
+        pick = np.argmax(self.segment_logits[[k - 1 for k in allowed]], axis=0)
+        return np.asarray(allowed, np.uint8)[pick]
 
 
 @dataclass
@@ -98,6 +108,20 @@ class Geometry:
         return ((x + self.x0) / self.scale - 0.5, (y + self.y0) / self.scale - 0.5)
 
 
+def add_coords(x: np.ndarray, frame_size: Optional[int] = None, offset: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """(B, 1, S, S) model input -> (B, 3, S, S): the image plus the pixel's row and column in the
+    model frame, scaled to [-1, 1] (CoordConv).  An AHA segment is partly *where* a vessel lies
+    in the projection, which convolutions alone cannot see.  ``frame_size``/``offset``: the
+    whole frame's size and the window's (row, column) origin when ``x`` is a crop (training)."""
+    b, _, h, w = x.shape
+    n = frame_size or h
+    r0, c0 = offset
+    ramp = np.linspace(-1.0, 1.0, n, dtype=np.float32)
+    yy = np.broadcast_to(ramp[r0:r0 + h].reshape(1, 1, h, 1), (b, 1, h, w))
+    xx = np.broadcast_to(ramp[c0:c0 + w].reshape(1, 1, 1, w), (b, 1, h, w))
+    return np.ascontiguousarray(np.concatenate([x.astype(np.float32), yy, xx], axis=1))
+
+
 def split_maps(maps: np.ndarray, heads: Sequence[Sequence[Any]]) -> FrameMaps:
     """One frame's raw output (C, S, S) -> probabilities / labels per head."""
     sl = head_slices(heads)
@@ -106,7 +130,7 @@ def split_maps(maps: np.ndarray, heads: Sequence[Sequence[Any]]) -> FrameMaps:
     segment = (np.argmax(seg_logits[1:], axis=0) + 1).astype(np.uint8)  # numbered or "other"
     heat = _sigmoid(maps[sl["heatmap"]][0])
     sev = np.clip(maps[sl["severity"]][0], 0.0, 1.0).astype(np.float32)
-    return FrameMaps(vessel, segment, heat, sev)
+    return FrameMaps(vessel, segment, heat, sev, seg_logits[1:].astype(np.float32))
 
 
 def _peaks(heat: np.ndarray, threshold: float, min_distance: int) -> list[tuple[int, int, float]]:
@@ -167,17 +191,19 @@ def qca_diameters(vessel_mask: np.ndarray, segment: np.ndarray, r: int, c: int, 
 
 
 def decode_maps(fm: FrameMaps, peak_threshold: float = 0.3, min_distance: int = 6,
-                vessel_threshold: float = 0.5) -> list[ModelLesion]:
-    """The lesions of one frame (model coordinates), strongest first."""
+                vessel_threshold: float = 0.5, side: Optional[str] = None) -> list[ModelLesion]:
+    """The lesions of one frame (model coordinates), strongest first; ``side`` (the run's
+    laterality) restricts the AHA segments to that side's."""
     mask = fm.vessel >= vessel_threshold
+    segments = fm.segments_of(side)
     out: list[ModelLesion] = []
     for r, c, p in _peaks(fm.heatmap, peak_threshold, min_distance):
-        seg = _segment_at(fm.segment, mask, r, c)
+        seg = _segment_at(segments, mask, r, c)
         if seg == 0:  # a peak away from any numbered vessel: not a coronary lesion we can name
             continue
         r0, r1, c0, c1 = max(0, r - 1), r + 2, max(0, c - 1), c + 2
         sev = float(np.mean(fm.severity[r0:r1, c0:c1])) * 100.0
-        mld, ref = qca_diameters(mask, fm.segment, r, c, seg)
+        mld, ref = qca_diameters(mask, segments, r, c, seg)
         out.append(ModelLesion(float(c), float(r), seg, float(np.clip(sev, 0.0, 100.0)), p, mld, ref))
     return out
 
@@ -208,6 +234,7 @@ class LesionModel:
         except Exception as exc:
             raise LesionModelError(f"cannot load lesion model {path}: {exc}") from exc
         self.input_name = self.session.get_inputs()[0].name
+        self.coords = bool(spec.coords)
         n_out = self.session.get_outputs()[0].shape[1]
         want = sum(int(c) for _, c in spec.heads)
         if isinstance(n_out, int) and n_out != want:
@@ -218,16 +245,20 @@ class LesionModel:
         if not frames:
             return []
         x = np.stack([preprocess(f, self.spec.preprocessing) for f in frames])
+        if self.coords:
+            x = add_coords(x)
         out = self.session.run(None, {self.input_name: x})[0]
         return [split_maps(o, self.spec.heads) for o in out]
 
     def find(self, frame: np.ndarray, sop_instance_uid: str, frame_number: int,
-             maps: Optional[FrameMaps] = None) -> list[LesionFinding]:
-        """The stenoses on one display frame, as findings on the stored frame."""
+             maps: Optional[FrameMaps] = None, side: Optional[str] = None) -> list[LesionFinding]:
+        """The stenoses on one display frame, as findings on the stored frame; ``side``: the
+        run's laterality (the segments are then that side's)."""
         fm = maps if maps is not None else self.maps([frame])[0]
         geo = Geometry(int(frame.shape[0]), int(frame.shape[1]), self.size)
         out = []
-        for les in decode_maps(fm, self.spec.peak_threshold, self.spec.min_distance, self.spec.vessel_threshold):
+        for les in decode_maps(fm, self.spec.peak_threshold, self.spec.min_distance, self.spec.vessel_threshold,
+                               side=side):
             x, y = geo.to_stored(les.col, les.row)
             x = float(np.clip(x, 0.0, geo.cols))
             y = float(np.clip(y, 0.0, geo.rows))
@@ -243,9 +274,8 @@ class LesionModel:
 
 def lesions_on_key_frames(model: LesionModel, runs: Sequence[Any], frames_at) -> list[LesionFinding]:
     """Lesions on every key frame of the analysed runs.  ``runs``: ``RunSelection`` objects;
-    ``frames_at(path, [frame numbers]) -> {frame number: display frame}``.  A lesion on a
-    segment of the other side (the lesion model's segment head disagreeing with the selector's
-    laterality) is dropped: the side comes from the selector, which sees the whole run."""
+    ``frames_at(path, [frame numbers]) -> {frame number: display frame}``.  Segments are chosen
+    among the run's side's (the selector, which sees the whole run, names the side)."""
     out: list[LesionFinding] = []
     for run in runs:
         if not getattr(run, "ok", False) or not run.key_frames:
@@ -255,7 +285,7 @@ def lesions_on_key_frames(model: LesionModel, runs: Sequence[Any], frames_at) ->
         for n in numbers:
             if n not in decoded:
                 continue
-            for les in model.find(decoded[n], run.sop_instance_uid, n):
+            for les in model.find(decoded[n], run.sop_instance_uid, n, side=run.laterality):
                 if SEGMENTS[les.segment][0] == run.laterality:
                     out.append(les)
     return out

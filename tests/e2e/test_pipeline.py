@@ -264,3 +264,48 @@ def test_demo_command_end_to_end(tmp_path, demo_bundle):
     assert "[en]" in r.stdout and "[ja]" in r.stdout
     assert "SR  ->" in r.stdout
     assert (tmp_path / "out" / "report.html").is_file()
+
+
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed")
+def test_lesions_reach_the_sr_without_a_vlm(tmp_path, demo_bundle, held_out_study, storescp):
+    """vlm.backend none + the bundle's lesion model: the templated draft and every lesion as a
+    coded finding located on its key frame.  The quick bundle's lesion model is barely trained,
+    so its peak threshold is lowered (and peaks kept far apart) to make it report some."""
+    from dicom_node.node import Node
+    from inference.bundle import Bundle
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(demo_bundle, bundle)
+    b = Bundle.load(bundle)
+    assert b.manifest.lesions is not None, "the demo bundle has a lesion model"
+    b.manifest.lesions.peak_threshold = 0.0
+    b.manifest.lesions.min_distance = 40
+    b.save_manifest()
+    cfg = node_config(tmp_path, bundle, storescp.port, storescp.aet, vlm={"backend": "none"})
+    node = Node(cfg)
+    node.start()
+    try:
+        r = storescu(held_out_study, cfg.node.port)
+        assert r.returncode == 0, r.stderr
+        study_uid = str(pydicom.dcmread(held_out_study[0], stop_before_pixels=True).StudyInstanceUID)
+        st = wait_state(node, study_uid)
+        assert st.state == "sent", st.error
+    finally:
+        node.stop()
+    sr = next(d for d in (pydicom.dcmread(p) for p in storescp.files()) if d.Modality == "SR")
+    items = sr_items(sr)
+    sites = [it for vt, name, it in items if vt == "CODE" and name == "Finding Site"]
+    assert sites, "no lesion finding in the SR"
+    scoords = [it for vt, _, it in items if vt == "SCOORD"]
+    assert scoords
+    sent = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in held_out_study}
+    for sc in scoords:
+        img = sc.ContentSequence[0]
+        assert img.ValueType == "IMAGE" and img.ReferencedSOPSequence[0].ReferencedSOPInstanceUID in sent
+        assert "ReferencedFrameNumber" in img.ReferencedSOPSequence[0]
+    texts = " ".join(it.TextValue for vt, _, it in items if vt == "TEXT")
+    assert "coronary angiography" in texts.lower() and "Recommend" in texts or "recommended" in texts
+    if shutil.which("dciodvfy"):
+        p = next(p for p in storescp.files() if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SR")
+        out = subprocess.run(["dciodvfy", str(p)], capture_output=True, text=True)
+        assert not [ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("Error")]

@@ -9,8 +9,10 @@ and model size, as ``lesion-cache-S.npz`` under the data folder:
 
 * ``D`` (N, S, S) float16 display frames (augmented in training, then ``finish_input``);
 * ``V`` (N, S, S) uint8 vessel mask, ``G`` (N, S, S) uint8 segment map (nearest resize);
+* ``F`` (N, S, S) uint8 exposed field of each frame (``inference.frames.exposed_field``: the
+  costly part of the flatfield normalisation, computed once here);
 * ``L`` (M, 6) float32 lesions: frame row, col, row (model pixels), severity %, segment, visible;
-* ``study`` (N,) study index (for splits).
+* ``study`` (N,) study index (for splits), ``side`` (N,) 0 = LCA, 1 = RCA (the run's laterality).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from inference.lesions import Geometry
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 3
 
 
 @dataclass
@@ -39,6 +41,8 @@ class LesionSet:
     G: np.ndarray
     L: np.ndarray
     study: np.ndarray
+    F: Optional[np.ndarray] = None
+    side: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return len(self.D)
@@ -53,7 +57,8 @@ class LesionSet:
         keep = np.isin(self.L[:, 0].astype(np.int64), idx)
         L = self.L[keep].copy()
         L[:, 0] = remap[L[:, 0].astype(np.int64)]
-        return LesionSet(self.D[idx], self.V[idx], self.G[idx], L, self.study[idx])
+        return LesionSet(self.D[idx], self.V[idx], self.G[idx], L, self.study[idx],
+                         None if self.F is None else self.F[idx], None if self.side is None else self.side[idx])
 
 
 def _resize_nearest(a: np.ndarray, geo: Geometry) -> np.ndarray:
@@ -86,13 +91,13 @@ def load_lesion_set(root: str | Path, size: int = 256, max_records: Optional[int
     if cache and cpath.is_file() and max_records is None:
         z = np.load(cpath)
         if str(z["key"]) == key:
-            return LesionSet(z["D"], z["V"], z["G"], z["L"], z["study"])
+            return LesionSet(z["D"], z["V"], z["G"], z["L"], z["study"], z["F"], z["side"])
     records = [r for r in load_records(root) if r.get("targets")]
     if max_records is not None:
         records = records[:max_records]
     if not records:
         raise ValueError(f"{root}: no run has lesion targets (generate with targets > 0)")
-    D, V, G, L, study = [], [], [], [], []
+    D, V, G, L, study, side = [], [], [], [], [], []
     for rec in records:
         tg = load_targets(root, rec)
         run = open_run(root / rec["file"])
@@ -106,13 +111,19 @@ def load_lesion_set(root: str | Path, size: int = 256, max_records: Optional[int
             V.append(_resize_nearest(np.asarray(vessel, np.uint8), geo))
             G.append(_resize_nearest(np.asarray(segment, np.uint8), geo))
             study.append(int(rec.get("study_index", 0)))
+            side.append(0 if rec.get("laterality") == "LCA" else 1)
             for les in lesions:
                 col, row = geo.to_model(float(les["x"]), float(les["y"]))
                 L.append([i, col, row, float(les["severity"]), float(les["segment"]), float(bool(les.get("visible", True)))])
-    ls = LesionSet(np.stack(D), np.stack(V), np.stack(G), np.asarray(L, np.float32).reshape(-1, 6),
-                   np.asarray(study, np.int64))
+    from inference.frames import exposed_field
+
+    Dn = np.stack(D)
+    F = np.concatenate([exposed_field(Dn[i:i + 64].astype(np.float32)).astype(np.uint8)
+                        for i in range(0, len(Dn), 64)])
+    ls = LesionSet(Dn, np.stack(V), np.stack(G), np.asarray(L, np.float32).reshape(-1, 6),
+                   np.asarray(study, np.int64), F, np.asarray(side, np.uint8))
     if cache and max_records is None:
-        np.savez(cpath, key=key, D=ls.D, V=ls.V, G=ls.G, L=ls.L, study=ls.study)
+        np.savez(cpath, key=key, D=ls.D, V=ls.V, G=ls.G, L=ls.L, study=ls.study, F=ls.F, side=ls.side)
     log.info("lesion set %s: %d frames, %d lesions (%d visible)", root, len(ls), len(ls.L), int(ls.L[:, 5].sum()))
     return ls
 

@@ -69,7 +69,7 @@ def evaluate_lesions(data_dir: str | Path, bundle: str | Path, *, match_px: Opti
             fr = frames[number]
             t0 = time.perf_counter()
             fm = model.maps([fr])[0]
-            found = model.find(fr, rec["sop_instance_uid"], number, maps=fm)
+            found = model.find(fr, rec["sop_instance_uid"], number, maps=fm, side=rec.get("laterality"))
             t_model += time.perf_counter() - t0
             n_frames += 1
             geo = Geometry(fr.shape[0], fr.shape[1], S)
@@ -133,6 +133,34 @@ def evaluate_lesions(data_dir: str | Path, bundle: str | Path, *, match_px: Opti
         "peak_threshold": spec.peak_threshold,
     }
     return out
+
+
+def lesion_concepts(bundle, threads: int = 2, min_confidence: float = 0.0):
+    """``concepts_for(example)`` for ``training.vlm.evaluate``: the bundle's lesion model on the
+    key frames a study's report is written from (as the node does: every lesion on a segment of
+    the frame's side, one finding per segment), or None when the bundle has no lesion model."""
+    from inference.frames import open_run
+    from inference.lesions import LesionModel
+    from inference.reporting import findings_from_lesions
+    from inference.types import SEGMENTS
+
+    try:
+        model = LesionModel(bundle, threads=threads)
+    except Exception:  # no lesions section: nothing to give
+        return None
+
+    def concepts_for(example) -> list:
+        found = []
+        for side, refs in example.images_by_side().items():
+            for ref in refs:
+                try:
+                    frame = open_run(ref.path).frame(ref.frame)
+                except Exception:
+                    continue
+                found += [l for l in model.find(frame, "", ref.frame, side=side) if SEGMENTS[l.segment][0] == side]
+        return findings_from_lesions(found, min_confidence=min_confidence)
+
+    return concepts_for
 
 
 def _overlay(path: Path, frame: np.ndarray, fm, thr: float, found, truth) -> None:

@@ -39,6 +39,9 @@ def head_slices() -> dict[str, slice]:
 class UNetConfig:
     widths: tuple[int, ...] = (16, 32, 64, 96)
     blocks: int = 1  # extra conv blocks per level after the first
+    # CoordConv inside the network (position channels of the *input*); the served lesion model
+    # gets frame-position channels from inference.lesions.add_coords instead (crops keep them)
+    coords: bool = False
 
 
 VARIANTS: dict[str, UNetConfig] = {
@@ -72,8 +75,9 @@ class LesionUNet(nn.Module):
         super().__init__()
         w = cfg.widths
         fine = max(8, w[0] // 2)
+        self.coords = cfg.coords
         self.fine = nn.Sequential(
-            nn.Conv2d(in_chans, fine, 3, padding=1, bias=False), nn.BatchNorm2d(fine), nn.ReLU(inplace=True))
+            nn.Conv2d(in_chans + (2 if cfg.coords else 0), fine, 3, padding=1, bias=False), nn.BatchNorm2d(fine), nn.ReLU(inplace=True))
         self.stem = nn.Sequential(
             nn.Conv2d(fine, w[0], 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(w[0]), nn.ReLU(inplace=True))
         self.down = nn.ModuleList()
@@ -94,6 +98,11 @@ class LesionUNet(nn.Module):
             self.head.bias[hs].fill_(-4.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.coords:
+            n, _, h, w = x.shape
+            yy = torch.linspace(-1.0, 1.0, h, dtype=x.dtype).view(1, 1, h, 1).expand(n, 1, h, w)
+            xx = torch.linspace(-1.0, 1.0, w, dtype=x.dtype).view(1, 1, 1, w).expand(n, 1, h, w)
+            x = torch.cat([x, yy, xx], 1)
         f = self.fine(x)
         x = self.stem(f)
         skips = []

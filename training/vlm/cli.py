@@ -6,7 +6,7 @@
                        [--checkpoint-every N] [--seed S] [--device auto|cpu|cuda]
                        [--concepts none|findings] [--json]
     cag-node evaluate vlm --data DIR --bundle BUNDLE [--split val|test|train|all] [--limit N]
-                       [--concepts none|truth|noisy] [--concepts-seed S]
+                       [--concepts none|truth|noisy|lesions] [--concepts-seed S]
                        [--rating-export FILE.csv|.jsonl] [--import-ratings FILE] [--json]
 
 ``--concepts findings`` trains the VLM to read the lesion model's findings in its prompt (the
@@ -76,9 +76,10 @@ def register_evaluate(sub) -> None:
     p.add_argument("--languages", default="en,ja")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-vlscore", action="store_true")
-    p.add_argument("--concepts", default=None, choices=["none", "truth", "noisy"],
+    p.add_argument("--concepts", default=None, choices=["none", "truth", "noisy", "lesions"],
                    help="the lesion-model findings given to a model trained with concepts: the true "
-                   "findings, noisy ones (the training perturbation, another seed) or none "
+                   "findings, noisy ones (the training perturbation, another seed), lesions (the "
+                   "bundle's own lesion model on the key frames, as the node does) or none "
                    "(default: noisy for such a model, none otherwise)")
     p.add_argument("--concepts-seed", type=int, default=1, help="seed of the --concepts noisy perturbation")
     p.add_argument("--rating-export", default=None, help="write a clinician rating sheet (.csv or .jsonl)")

@@ -445,7 +445,8 @@ def evaluate_bundle(data: str | Path, bundle_dir: str | Path, split: str = "val"
 
     The lesion model's findings given to a VLM trained with them (manifest
     ``vlm.training.concepts``): ``concepts_for(example) -> list[dict] | None`` when given (e.g.
-    a lesion model's findings for the study), else ``concepts``: "truth" (the study's findings),
+    a lesion model's findings for the study), else ``concepts``: "lesions" (the bundle's own
+    lesion model on the key frames, as the node does), "truth" (the study's findings),
     "noisy" (the training perturbation drawn with ``concepts_seed``) or "none"; ``None`` = "noisy"
     for a model trained with concepts, "none" otherwise.  A model trained without concepts is
     never given any (as the node does); ``result["concepts"]`` says what was used.
@@ -475,6 +476,10 @@ def evaluate_bundle(data: str | Path, bundle_dir: str | Path, split: str = "val"
 
     if concepts_for is not None:
         used = "custom"
+    elif concepts == "lesions":
+        from training.lesions.evaluate import lesion_concepts
+
+        concepts_for, used = lesion_concepts(bundle), "lesions (the bundle's lesion model)"
     else:
         mode = check_mode(concepts, ("none", "truth", "noisy")) if concepts is not None else (
             "noisy" if backend.uses_concepts else "none")
