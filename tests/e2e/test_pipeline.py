@@ -72,21 +72,28 @@ def sr_items(ds):
     return out
 
 
-@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed")
-def test_study_in_sr_and_kos_out(tmp_path, demo_bundle, held_out_study, storescp):
+def send_and_wait(tmp_path, bundle, files, storescp, **over) -> str:
+    """A node on ``bundle`` receives ``files`` from storescu and sends its results to
+    ``storescp``; returns the StudyInstanceUID once the study is sent."""
     from dicom_node.node import Node
 
-    cfg = node_config(tmp_path, demo_bundle, storescp.port, storescp.aet)
+    cfg = node_config(tmp_path, bundle, storescp.port, storescp.aet, **over)
     node = Node(cfg)
     node.start()
     try:
-        r = storescu(held_out_study, cfg.node.port)
+        r = storescu(files, cfg.node.port)
         assert r.returncode == 0, r.stderr
-        study_uid = str(pydicom.dcmread(held_out_study[0], stop_before_pixels=True).StudyInstanceUID)
+        study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
         st = wait_state(node, study_uid)
         assert st.state == "sent", st.error
     finally:
         node.stop()
+    return study_uid
+
+
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed")
+def test_study_in_sr_and_kos_out(tmp_path, demo_bundle, held_out_study, storescp):
+    study_uid = send_and_wait(tmp_path, demo_bundle, held_out_study, storescp)
 
     got = [pydicom.dcmread(p) for p in storescp.files()]
     srs = [d for d in got if d.Modality == "SR"]
@@ -271,7 +278,6 @@ def test_lesions_reach_the_sr_without_a_vlm(tmp_path, demo_bundle, held_out_stud
     """vlm.backend none + the bundle's lesion model: the templated draft and every lesion as a
     coded finding located on its key frame.  The quick bundle's lesion model is barely trained,
     so its peak threshold is lowered (and peaks kept far apart) to make it report some."""
-    from dicom_node.node import Node
     from inference.bundle import Bundle
 
     bundle = tmp_path / "bundle"
@@ -281,17 +287,7 @@ def test_lesions_reach_the_sr_without_a_vlm(tmp_path, demo_bundle, held_out_stud
     b.manifest.lesions.peak_threshold = 0.0
     b.manifest.lesions.min_distance = 40
     b.save_manifest()
-    cfg = node_config(tmp_path, bundle, storescp.port, storescp.aet, vlm={"backend": "none"})
-    node = Node(cfg)
-    node.start()
-    try:
-        r = storescu(held_out_study, cfg.node.port)
-        assert r.returncode == 0, r.stderr
-        study_uid = str(pydicom.dcmread(held_out_study[0], stop_before_pixels=True).StudyInstanceUID)
-        st = wait_state(node, study_uid)
-        assert st.state == "sent", st.error
-    finally:
-        node.stop()
+    send_and_wait(tmp_path, bundle, held_out_study, storescp, vlm={"backend": "none"})
     sr = next(d for d in (pydicom.dcmread(p) for p in storescp.files()) if d.Modality == "SR")
     items = sr_items(sr)
     sites = [it for vt, name, it in items if vt == "CODE" and name == "Finding Site"]

@@ -138,6 +138,16 @@ def dciodvfy_counts(path: Path) -> tuple[int, int, str]:
     return errors, warnings, out
 
 
+def validated_dump(path: Path) -> str:
+    """dciodvfy reports no error and dsrdump reads ``path`` without one; returns dsrdump's text."""
+    errors, _warnings, out = dciodvfy_counts(path)
+    assert errors == 0, out
+    d = run_tool("dsrdump", str(path))
+    assert d.returncode == 0, d.stderr
+    assert not [line for line in d.stderr.splitlines() if line.startswith("E:")], d.stderr
+    return d.stdout
+
+
 # --------------------------------------------------------------------------- peers
 class OrthancPeer(OrthancProcess):
     """A throw-away Orthanc in tmp (the node's own ``OrthancProcess``), with ``find``

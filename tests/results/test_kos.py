@@ -7,7 +7,7 @@ from pydicom.uid import generate_uid
 
 from dicom_node.kos import KOS_SOP_CLASS_UID, TITLE_OF_INTEREST, build_kos
 from dicom_node.sr import EncodingError, CodedConcept, iter_content, save
-from reshelp import MISSING, dciodvfy_counts, make_result, make_xa, require_tools, run_tool
+from reshelp import MISSING, make_result, make_xa, require_tools, validated_dump
 
 
 def test_kos_references_frames(study):
@@ -47,8 +47,4 @@ def test_validators_accept_kos(tmp_path):
     kos = build_kos(sources, make_result(sources))
     assert str(kos.PatientName) == "Test^Patient"  # taken from the complete header of the study
     p = save(kos, tmp_path / "kos.dcm")
-    errors, _warnings, out = dciodvfy_counts(p)
-    assert errors == 0, out
-    d = run_tool("dsrdump", str(p))
-    assert d.returncode == 0 and "For Report Attachment" in d.stdout, d.stderr
-    assert not [line for line in d.stderr.splitlines() if line.startswith("E:")], d.stderr
+    assert "For Report Attachment" in validated_dump(p)
