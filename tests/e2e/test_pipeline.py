@@ -286,6 +286,7 @@ def test_lesions_reach_the_sr_without_a_vlm(tmp_path, demo_bundle, held_out_stud
     assert b.manifest.lesions is not None, "the demo bundle has a lesion model"
     b.manifest.lesions.peak_threshold = 0.0
     b.manifest.lesions.min_distance = 40
+    b.manifest.lesions.vessel_threshold = 0.0
     b.save_manifest()
     send_and_wait(tmp_path, bundle, held_out_study, storescp, vlm={"backend": "none"})
     sr = next(d for d in (pydicom.dcmread(p) for p in storescp.files()) if d.Modality == "SR")

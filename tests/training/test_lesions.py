@@ -131,3 +131,40 @@ def test_evaluate_cli(lesion_bundle, lesion_data, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "dicom_node.cli", "evaluate", "lesions", str(tmp_path),
                           "--bundle", str(b), "--json"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0
+
+
+def test_report_json_lesions_and_templated_draft(lesion_bundle, lesion_data, tmp_path):
+    """``cag-node report --json`` with a bundle holding a selector and a lesion model and no VLM
+    (``vlm.backend: none``): lesions per run and frame, and the templated draft written from them."""
+    import shutil
+
+    from training.selector import build_selector
+    from training.synthetic import load_records
+
+    b, _ = lesion_bundle
+    bundle = tmp_path / "bundle"
+    shutil.copytree(b, bundle)
+    build_selector(lesion_data, bundle, size=64, steps=3, seed=0)
+    bd = Bundle.load(bundle)
+    bd.manifest.lesions.peak_threshold = 0.0  # the few-step model: make it report something
+    bd.manifest.lesions.min_distance = 30
+    bd.manifest.lesions.vessel_threshold = 0.0  # ... on any pixel
+    bd.save_manifest()
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("vlm:\n  backend: none\n")
+    recs = load_records(lesion_data)
+    files = [str(lesion_data / r["file"]) for r in recs if r["study_uid"] == recs[0]["study_uid"]]
+    out = subprocess.run([sys.executable, "-m", "dicom_node.cli", "report", *files, "--bundle", str(bundle),
+                          "--config", str(cfg), "--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout)
+    assert res["lesions"], "no lesion reported at threshold 0"
+    sops = {r["sop_instance_uid"]: r for r in res["runs"]}
+    for les in res["lesions"]:
+        run = sops[les["sop_instance_uid"]]
+        assert les["frame_number"] in run["key_frames"]
+        assert les["side"] == run["laterality"]  # segments are chosen among the run's side's
+        assert 1 <= les["segment"] <= 15 and 0 <= les["stenosis_pct"] <= 100
+    en = res["report"]["en"]
+    assert en["format_ok"] and "coronary angiography" in en["findings"].lower()
+    assert res["model"]["lesions"].startswith("unet_tiny")
