@@ -198,23 +198,21 @@ class Bundle:
             b.verify()
         return b
 
+    def _check_file(self, what: str, path: Path, name: str, sha256: Optional[str]) -> None:
+        if not path.is_file():
+            raise BundleError(f"bundle {self.root}: {what} file {name} missing")
+        if sha256 and sha256_file(path) != sha256:
+            raise BundleError(f"bundle {self.root}: {name} does not match its manifest sha256")
+
     def verify(self) -> None:
         s = self.manifest.selector
         if s is not None:
-            p = self.selector_path
-            if not p.is_file():
-                raise BundleError(f"bundle {self.root}: selector file {s.file} missing")
             if tuple(s.classes) != CLASS_NAMES:
                 raise BundleError(f"bundle {self.root}: selector.classes must be {list(CLASS_NAMES)}, got {s.classes}")
-            if s.sha256 and sha256_file(p) != s.sha256:
-                raise BundleError(f"bundle {self.root}: {s.file} does not match its manifest sha256")
+            self._check_file("selector", self.selector_path, s.file, s.sha256)
         les = self.manifest.lesions
         if les is not None:
-            p = self.lesions_path
-            if not p.is_file():
-                raise BundleError(f"bundle {self.root}: lesion model file {les.file} missing")
-            if les.sha256 and sha256_file(p) != les.sha256:
-                raise BundleError(f"bundle {self.root}: {les.file} does not match its manifest sha256")
+            self._check_file("lesion model", self.lesions_path, les.file, les.sha256)
         v = self.manifest.vlm
         if v is not None:
             p = self.vlm_path

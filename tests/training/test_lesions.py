@@ -82,9 +82,22 @@ def test_bundle_parity_and_manifest(lesion_bundle):
     assert spec is not None and spec.sha256 and spec.preprocessing.input_size == 128
     assert [tuple(h) for h in spec.heads] == [("vessel", 1), ("segment", 17), ("heatmap", 1), ("severity", 1)]
     assert bundle.model_info().lesions.startswith("unet_tiny")
-    # a changed model file is refused
-    (b / "lesions.onnx").write_bytes((b / "lesions.onnx").read_bytes())  # same bytes: still fine
-    Bundle.load(b)
+
+
+def test_bundle_refuses_a_missing_or_changed_lesion_model(lesion_bundle, tmp_path):
+    import shutil
+
+    from inference.bundle import BundleError
+
+    b = tmp_path / "b"
+    shutil.copytree(lesion_bundle[0], b)
+    onnx = (b / "lesions.onnx").read_bytes()
+    (b / "lesions.onnx").write_bytes(onnx[:-1] + bytes([onnx[-1] ^ 1]))
+    with pytest.raises(BundleError, match="lesions.onnx does not match"):
+        Bundle.load(b)
+    (b / "lesions.onnx").unlink()
+    with pytest.raises(BundleError, match="lesion model file lesions.onnx missing"):
+        Bundle.load(b)
 
 
 def test_serving_maps_and_findings(lesion_bundle, lesion_data):
