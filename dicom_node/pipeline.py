@@ -125,17 +125,6 @@ def _lesion_model(node):
         return lm
 
 
-def _find_lesions(node, usable: list[RunSelection]) -> list:
-    from inference.lesions import lesions_on_key_frames
-
-    lm = _lesion_model(node)
-    if lm is None:
-        return []
-    found = lesions_on_key_frames(lm, usable, _frames_at)
-    floor = node.config.lesions.min_confidence
-    return [l for l in found if l.confidence >= floor]
-
-
 def _vlm(node):
     with _RUNTIME_LOCK:
         be = getattr(node, "_pipeline_vlm", None)
@@ -150,14 +139,6 @@ def _vlm(node):
 
 
 # ---------------------------------------------------------------------------
-def _frames_at(path: str, numbers: list[int]) -> dict[int, Any]:
-    """Decode only the wanted frames (1-based numbers) of a run."""
-    from inference.frames import open_run
-
-    wanted = sorted(set(numbers))
-    return dict(zip(wanted, open_run(path).iter_frames([n - 1 for n in wanted])))
-
-
 def _classify_instances(instances, modalities: list[str]):
     """Split a study's instances into runs to analyse and the rest (with reasons)."""
     runs, skipped = [], []
@@ -215,7 +196,9 @@ def _key_images(node, selections: list[RunSelection]) -> dict[str, list]:
         by_file: dict[str, list[int]] = {}
         for _, f, n in chosen:
             by_file.setdefault(f, []).append(n)
-        decoded = {f: _frames_at(f, ns) for f, ns in by_file.items()}
+        from inference.frames import read_frames
+
+        decoded = {f: read_frames(f, ns) for f, ns in by_file.items()}
         for _, f, n in chosen:
             if n in decoded[f]:
                 frames.append(decoded[f][n])
@@ -329,14 +312,17 @@ def process_study(node, study_uid: str) -> dict:
 
         usable = [r for r in selections if r.ok]
         lesions: list = []
-        has_lesion_model = False
+        lesion_model = None
         if usable:
             stage("lesions")
             t0 = time.monotonic()
-            has_lesion_model = _lesion_model(node) is not None
-            if has_lesion_model:
+            lesion_model = _lesion_model(node)
+            if lesion_model is not None:
+                from inference.lesions import lesions_on_key_frames
+
                 try:
-                    lesions = run_with_timeout("lesions", cfg.processing.lesions_timeout_s, _find_lesions, node, usable)
+                    lesions = run_with_timeout("lesions", cfg.processing.lesions_timeout_s, lesions_on_key_frames,
+                                               lesion_model, usable, min_confidence=cfg.lesions.min_confidence)
                 except StageTimeout as exc:
                     raise StageError("lesions", str(exc)) from None
             timer.record("lesions", time.monotonic() - t0, node)
@@ -348,8 +334,8 @@ def process_study(node, study_uid: str) -> dict:
             backend = _vlm(node)
             from inference.reporting import findings_from_lesions, templated_report
 
-            concepts = findings_from_lesions(lesions) if has_lesion_model else None
-            if backend is None and has_lesion_model:
+            concepts = findings_from_lesions(lesions) if lesion_model is not None else None
+            if backend is None and concepts is not None:
                 # no VLM: the templated draft of what the lesion model saw
                 sides = sorted({r.laterality for r in usable})
                 report = templated_report(concepts, sides=sides, languages=languages)
@@ -361,13 +347,9 @@ def process_study(node, study_uid: str) -> dict:
             else:
                 from inference.vlm import report_study
 
-                use = concepts if getattr(backend, "uses_concepts", False) else None
-
                 def _vlm_stage():
-                    images = _key_images(node, usable)
-                    if use is None:
-                        return report_study(backend, images, languages=languages)
-                    return report_study(backend, images, languages=languages, concepts=use)
+                    # report_study gives the concepts only to a model trained with them
+                    return report_study(backend, _key_images(node, usable), languages=languages, concepts=concepts)
 
                 try:
                     report = run_with_timeout("vlm", cfg.processing.vlm_timeout_s, _vlm_stage)

@@ -326,6 +326,13 @@ def read_frame(path: str | os.PathLike, frame_number: int) -> np.ndarray:
     return open_run(path).frame(frame_number)
 
 
+def read_frames(path: str | os.PathLike, frame_numbers: Iterable[int]) -> dict[int, np.ndarray]:
+    """Display frames by 1-based frame number, ``{number: frame}``; decodes only those frames,
+    opening the run once."""
+    wanted = sorted(set(int(n) for n in frame_numbers))
+    return dict(zip(wanted, open_run(path).iter_frames([n - 1 for n in wanted])))
+
+
 # -- model input ----------------------------------------------------------------
 
 

@@ -212,10 +212,8 @@ class LesionModel:
     """``LesionModel(bundle, threads=2, providers=["auto"])``: the bundle's lesion model."""
 
     def __init__(self, bundle: Any, threads: int = 2, providers: Sequence[str] | None = ("auto",)):
-        import onnxruntime as ort
-
         from inference.bundle import Bundle, BundleError
-        from inference.selector import resolve_providers
+        from inference.selector import ort_session
 
         if isinstance(bundle, (str, os.PathLike)):
             bundle = Bundle.load(bundle)
@@ -224,13 +222,9 @@ class LesionModel:
             raise BundleError(f"bundle {bundle.root}: no lesions section in the manifest")
         self.bundle, self.spec = bundle, spec
         self.size = int(spec.preprocessing.input_size)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = max(1, int(threads))
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
         path = bundle.lesions_path
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=so, providers=resolve_providers(providers))
+            self.session = ort_session(path, threads, providers)
         except Exception as exc:
             raise LesionModelError(f"cannot load lesion model {path}: {exc}") from exc
         self.input_name = self.session.get_inputs()[0].name
@@ -272,10 +266,15 @@ class LesionModel:
         return out
 
 
-def lesions_on_key_frames(model: LesionModel, runs: Sequence[Any], frames_at) -> list[LesionFinding]:
-    """Lesions on every key frame of the analysed runs.  ``runs``: ``RunSelection`` objects;
-    ``frames_at(path, [frame numbers]) -> {frame number: display frame}``.  Segments are chosen
-    among the run's side's (the selector, which sees the whole run, names the side)."""
+def lesions_on_key_frames(model: LesionModel, runs: Sequence[Any], frames_at=None,
+                          min_confidence: float = 0.0) -> list[LesionFinding]:
+    """Lesions on every key frame of the analysed runs (``RunSelection`` objects), those of
+    confidence >= ``min_confidence``.  Segments are chosen among the run's side's (the selector,
+    which sees the whole run, names the side).  ``frames_at(path, [frame numbers]) -> {frame
+    number: display frame}``: default :func:`inference.frames.read_frames`."""
+    from inference.frames import read_frames
+
+    frames_at = frames_at or read_frames
     out: list[LesionFinding] = []
     for run in runs:
         if not getattr(run, "ok", False) or not run.key_frames:
@@ -283,9 +282,7 @@ def lesions_on_key_frames(model: LesionModel, runs: Sequence[Any], frames_at) ->
         numbers = [k.frame_number for k in run.key_frames]
         decoded = frames_at(run.file, numbers)
         for n in numbers:
-            if n not in decoded:
-                continue
-            for les in model.find(decoded[n], run.sop_instance_uid, n, side=run.laterality):
-                if SEGMENTS[les.segment][0] == run.laterality:
-                    out.append(les)
+            if n in decoded:
+                out += [les for les in model.find(decoded[n], run.sop_instance_uid, n, side=run.laterality)
+                        if les.confidence >= min_confidence]
     return out

@@ -68,6 +68,20 @@ def resolve_providers(providers: Sequence[str] | None = ("auto",)) -> list[str]:
     return out
 
 
+def ort_session(path: str | os.PathLike, threads: int = 2, providers: Sequence[str] | None = ("auto",)):
+    """An ONNX Runtime session for one of the bundle's models: ``threads`` intra-op threads, one
+    inter-op thread, full graph optimisation, quiet logging, ``providers`` resolved
+    (:func:`resolve_providers`).  Raises what ONNX Runtime raises; callers name the model."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = max(1, int(threads))
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=so, providers=resolve_providers(providers))
+
+
 def softmax(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     x = x - x.max(axis=-1, keepdims=True)
@@ -83,8 +97,6 @@ class Selector:
 
     def __init__(self, bundle: Any, threads: int = 2, batch_size: int = 16,
                  providers: Sequence[str] | None = ("auto",)):
-        import onnxruntime as ort
-
         from inference.bundle import Bundle, BundleError
 
         if isinstance(bundle, (str, os.PathLike)):
@@ -97,15 +109,10 @@ class Selector:
         self.preprocessing = spec.preprocessing
         self.batch_size = max(1, int(batch_size))
         self.threads = max(1, int(threads))
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = self.threads
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
         self.providers = resolve_providers(providers)
         path = bundle.selector_path
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=so, providers=self.providers)
+            self.session = ort_session(path, self.threads, self.providers)
         except Exception as exc:
             raise SelectorError(f"cannot load selector model {path}: {exc}") from exc
         self.input_name = self.session.get_inputs()[0].name

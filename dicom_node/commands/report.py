@@ -83,7 +83,7 @@ def run(args) -> int:
         print("cag-node report: no run could be analysed", file=sys.stderr)
         return 1
 
-    from inference.frames import open_run, read_frame
+    from inference.frames import read_frame
     from inference.reporting import findings_from_lesions, templated_report
     from inference.vlm import ReportError, load_backend, report_study
 
@@ -99,12 +99,7 @@ def run(args) -> int:
         except LesionModelError as exc:
             print(f"cag-node report: {exc}", file=sys.stderr)
             return 1
-
-        def frames_at(path, numbers):
-            wanted = sorted(set(numbers))
-            return dict(zip(wanted, open_run(path).iter_frames([n - 1 for n in wanted])))
-
-        lesions = [l for l in lesions_on_key_frames(lm, ok, frames_at) if l.confidence >= cfg.lesions.min_confidence]
+        lesions = lesions_on_key_frames(lm, ok, min_confidence=cfg.lesions.min_confidence)
     t_les = time.monotonic() - t_les0
     concepts = findings_from_lesions(lesions) if has_lesions else None
 
@@ -122,9 +117,9 @@ def run(args) -> int:
             backend = load_backend(_vlm_cfg(cfg), bundle)
             t_load = time.monotonic() - t1
         t2 = time.monotonic()
-        if backend is not None:
-            extra = {"concepts": concepts} if (concepts is not None and getattr(backend, "uses_concepts", False)) else {}
-            report = report_study(backend, ok, lambda run, n: read_frame(run.file, n), languages=langs, **extra)
+        if backend is not None:  # report_study gives the concepts only to a model trained with them
+            report = report_study(backend, ok, lambda run, n: read_frame(run.file, n), languages=langs,
+                                  concepts=concepts)
     except (ReportError, ImportError, OSError, ValueError) as exc:
         print(f"cag-node report: VLM failed: {exc}", file=sys.stderr)
         return 1

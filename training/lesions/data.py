@@ -26,7 +26,7 @@ from typing import Optional
 
 import numpy as np
 
-from inference.frames import model_frame, open_run
+from inference.frames import model_frame, read_frames
 from inference.lesions import Geometry
 
 log = logging.getLogger(__name__)
@@ -100,9 +100,7 @@ def load_lesion_set(root: str | Path, size: int = 256, max_records: Optional[int
     D, V, G, L, study, side = [], [], [], [], [], []
     for rec in records:
         tg = load_targets(root, rec)
-        run = open_run(root / rec["file"])
-        numbers = [t[0] for t in tg]
-        frames = dict(zip(numbers, run.iter_frames([n - 1 for n in numbers])))
+        frames = read_frames(root / rec["file"], [t[0] for t in tg])
         for number, vessel, segment, lesions in tg:
             fr = frames[number]
             geo = Geometry(fr.shape[0], fr.shape[1], size)

@@ -30,6 +30,32 @@ import numpy as np
 GRADE_STEPS = (50, 75, 90, 99, 100)
 
 
+def match_radius(shape) -> float:
+    """A found lesion matches a true one within 4 % of the frame (at least 6 pixels)."""
+    return max(6.0, 0.04 * max(shape))
+
+
+def match_lesions(found, truth_xy, radius: float) -> tuple[dict, int]:
+    """Greedy matching, the most confident found lesion first, each to the nearest still
+    unmatched true centre (``truth_xy``: [(x, y), ...]) within ``radius``.  Returns
+    ``({truth index: found lesion}, number of found lesions matching none)``."""
+    pairs: dict = {}
+    unmatched = 0
+    for f in sorted(found, key=lambda f: -f.confidence):
+        best, bd = None, radius
+        for j, (x, y) in enumerate(truth_xy):
+            if j in pairs:
+                continue
+            d = float(np.hypot(f.x - x, f.y - y))
+            if d <= bd:
+                best, bd = j, d
+        if best is None:
+            unmatched += 1
+        else:
+            pairs[best] = f
+    return pairs, unmatched
+
+
 def _grade_index(pct: float) -> int:
     return int(np.argmin([abs(g - pct) for g in GRADE_STEPS]))
 
@@ -37,8 +63,8 @@ def _grade_index(pct: float) -> int:
 def evaluate_lesions(data_dir: str | Path, bundle: str | Path, *, match_px: Optional[float] = None,
                      threads: int = 2, max_frames: Optional[int] = None, overlays: Optional[str | Path] = None,
                      n_overlays: int = 8) -> dict:
-    from inference.frames import open_run
-    from inference.lesions import Geometry, LesionModel, decode_maps
+    from inference.frames import read_frames
+    from inference.lesions import Geometry, LesionModel
     from training.synthetic import load_records
     from training.synthetic.targets import load_targets
 
@@ -61,8 +87,7 @@ def evaluate_lesions(data_dir: str | Path, bundle: str | Path, *, match_px: Opti
     written = 0
     for rec in records:
         tg = load_targets(data_dir, rec)
-        numbers = [t[0] for t in tg]
-        frames = dict(zip(numbers, open_run(data_dir / rec["file"]).iter_frames([n - 1 for n in numbers])))
+        frames = read_frames(data_dir / rec["file"], [t[0] for t in tg])
         for number, vessel, segment, lesions in tg:
             if max_frames is not None and n_frames >= max_frames:
                 break
@@ -81,22 +106,11 @@ def evaluate_lesions(data_dir: str | Path, bundle: str | Path, *, match_px: Opti
             numbered = V & (G >= 1) & (G <= 15) & P
             seg_ok += int((fm.segment[numbered] == G[numbered]).sum())
             seg_n += int(numbered.sum())
-            r_match = match_px if match_px is not None else max(6.0, 0.04 * max(fr.shape))
+            r_match = match_px if match_px is not None else match_radius(fr.shape)
             vis = [l for l in lesions if l.get("visible", True)]
-            used = set()
-            for f in sorted(found, key=lambda f: -f.confidence):
-                best, bd = None, r_match
-                for j, l in enumerate(vis):
-                    if j in used:
-                        continue
-                    d = float(np.hypot(f.x - l["x"], f.y - l["y"]))
-                    if d <= bd:
-                        best, bd = j, d
-                if best is None:
-                    fps += 1
-                else:
-                    used.add(best)
-                    matched.append((vis[best], f))
+            used, unmatched = match_lesions(found, [(l["x"], l["y"]) for l in vis], r_match)
+            fps += unmatched
+            matched += [(vis[j], f) for j, f in used.items()]
             n_vis += len(vis)
             hit_vis += len(used)
             sig = [j for j, l in enumerate(vis) if l["severity"] >= 75]
@@ -139,10 +153,9 @@ def lesion_concepts(bundle, threads: int = 2, min_confidence: float = 0.0):
     """``concepts_for(example)`` for ``training.vlm.evaluate``: the bundle's lesion model on the
     key frames a study's report is written from (as the node does: every lesion on a segment of
     the frame's side, one finding per segment), or None when the bundle has no lesion model."""
-    from inference.frames import open_run
+    from inference.frames import read_frame
     from inference.lesions import LesionModel
     from inference.reporting import findings_from_lesions
-    from inference.types import SEGMENTS
 
     try:
         model = LesionModel(bundle, threads=threads)
@@ -154,10 +167,10 @@ def lesion_concepts(bundle, threads: int = 2, min_confidence: float = 0.0):
         for side, refs in example.images_by_side().items():
             for ref in refs:
                 try:
-                    frame = open_run(ref.path).frame(ref.frame)
+                    frame = read_frame(ref.path, ref.frame)
                 except Exception:
                     continue
-                found += [l for l in model.find(frame, "", ref.frame, side=side) if SEGMENTS[l.segment][0] == side]
+                found += model.find(frame, "", ref.frame, side=side)
         return findings_from_lesions(found, min_confidence=min_confidence)
 
     return concepts_for

@@ -35,13 +35,11 @@ def export_onnx(model, path: str | Path, size: int, channels: int = 1) -> Path:
 
 
 def parity(model, onnx_path: Path, x: np.ndarray, threads: int = 2) -> dict:
-    import onnxruntime as ort
     import torch
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    s = ort.InferenceSession(str(onnx_path), sess_options=so, providers=["CPUExecutionProvider"])
+    from inference.selector import ort_session
+
+    s = ort_session(onnx_path, threads, ["cpu"])  # as served, on the CPU
     with torch.inference_mode():
         a = np.concatenate([model(torch.from_numpy(x[i:i + 4])).numpy() for i in range(0, len(x), 4)])
     b = np.concatenate([s.run(None, {"input": x[i:i + 4]})[0] for i in range(0, len(x), 4)])
@@ -59,9 +57,11 @@ def calibrate_threshold(bundle_dir: Path, ls, idx: np.ndarray, max_fp: float = 0
     sensitive operating point within the false-positive budget.  Returns the table."""
     from inference.lesions import LesionModel
 
+    from .evaluate import match_lesions, match_radius
+
     lm = LesionModel(bundle_dir)
     S = lm.size
-    r_match = max(6.0, 0.04 * S)
+    r_match = match_radius((S, S))
     frames = [ls.D[i].astype(np.float32) for i in idx]
     maps = []
     for i in range(0, len(frames), 8):
@@ -74,14 +74,8 @@ def calibrate_threshold(bundle_dir: Path, ls, idx: np.ndarray, max_fp: float = 0
             side = None if ls.side is None else ("LCA", "RCA")[int(ls.side[i])]
             found = lm.find(frames[k], "", 1, maps=maps[k], side=side)
             truth = [(c + 0.5, r + 0.5, sev) for _, c, r, sev, _, vis in ls.lesions_of(int(i)) if vis]
-            used = set()
-            for f in sorted(found, key=lambda f: -f.confidence):
-                dist = {j: float(np.hypot(f.x - t[0], f.y - t[1])) for j, t in enumerate(truth) if j not in used}
-                j = min((j for j, d in dist.items() if d <= r_match), key=dist.get, default=None)
-                if j is None:
-                    fp += 1
-                else:
-                    used.add(j)
+            used, unmatched = match_lesions(found, [t[:2] for t in truth], r_match)
+            fp += unmatched
             sig = [j for j, t in enumerate(truth) if t[2] >= 75]
             n_sig += len(sig)
             hit_sig += sum(j in used for j in sig)
