@@ -43,11 +43,15 @@ def _get(cfg: Any, key: str, default=None):
     return getattr(cfg, key, default)
 
 
+def _concepts_on(value: Any) -> bool:
+    """A ``concepts`` setting (config or manifest) that turns concepts on: set and not "none"."""
+    return bool(value) and str(value).lower() != "none"
+
+
 def trained_with_concepts(training: Optional[dict]) -> bool:
     """Whether a manifest's ``vlm.training`` says the model learnt to read the lesion model's
     findings in its prompt (``"concepts": "findings"``; absent or ``"none"``: it did not)."""
-    c = (training or {}).get("concepts")
-    return bool(c) and str(c).lower() != "none"
+    return _concepts_on((training or {}).get("concepts"))
 
 
 def load_backend(vlm_cfg: Any, bundle=None) -> ReportBackend:
@@ -79,7 +83,7 @@ def load_backend(vlm_cfg: Any, bundle=None) -> ReportBackend:
             retries=int(_get(vlm_cfg, "retries", 3)), model_info=info,
         )
         backend.from_first_language = bool(from_first)
-        backend.uses_concepts = bool(concepts) and str(concepts).lower() != "none"
+        backend.uses_concepts = _concepts_on(concepts)
         return backend
     if kind not in ("bundle", "transformers"):
         raise ReportError(f"vlm.backend: unknown backend {kind!r}")
@@ -106,5 +110,5 @@ def load_backend(vlm_cfg: Any, bundle=None) -> ReportBackend:
                                   max_new_tokens=max_new, max_images=max_images, timeout_s=timeout,
                                   model_info=info, threads=_get(vlm_cfg, "threads"))
     backend.from_first_language = bool(from_first)
-    backend.uses_concepts = bool(concepts) and str(concepts).lower() != "none"
+    backend.uses_concepts = _concepts_on(concepts)
     return backend

@@ -156,6 +156,29 @@ def _concept_corpus(studies) -> list[str]:
     return out
 
 
+def tokenizer_corpus(studies, concepts: str) -> list[str]:
+    """What the tokenizer is trained on: the reports, the prompts and, for a model trained with
+    concepts (``concepts`` != "none"), the concept lines."""
+    from training.vlm.data import report_corpus
+
+    corpus = report_corpus(studies) + _prompt_corpus()
+    if concepts != "none":
+        corpus += _concept_corpus(studies)
+    return corpus
+
+
+def validation_concepts(backend, concepts: str, seed: int):
+    """``(concepts_for, label)`` for the validation run of a model trained with concepts (the
+    noisy truth: the training perturbation with the seed; ``backend.uses_concepts`` set), or
+    ``(None, None)`` for one trained without."""
+    if concepts == "none":
+        return None, None
+    from training.vlm.concepts import concepts_source
+
+    backend.uses_concepts = True
+    return concepts_source("noisy", seed=seed), f"noisy (seed {seed})"
+
+
 def build_vlm(data_dir: str | Path, bundle_dir: str | Path, seed: int = 0, budget_s: float = 150.0,
               quick: bool = False, tiny: TinyConfig | None = None, train_cfg=None,
               evaluate: bool = True, version: str = "0.1.0", max_studies: int | None = None,
@@ -179,7 +202,7 @@ def build_vlm(data_dir: str | Path, bundle_dir: str | Path, seed: int = 0, budge
     import torch
 
     from inference.bundle import VLMSpec, sha256_dir, update_manifest
-    from training.vlm.data import FrameCache, load_examples, report_corpus, split_examples
+    from training.vlm.data import FrameCache, load_examples, split_examples
     from training.vlm.tokenizer import train_tokenizer
     from training.vlm.train import TrainConfig, train_model
 
@@ -202,10 +225,7 @@ def build_vlm(data_dir: str | Path, bundle_dir: str | Path, seed: int = 0, budge
         raise ValueError(f"{data_dir}: no studies with key frames and reports")
     parts = split_examples(studies, val_frac=0.2, seed=seed)
     train, val = parts["train"] or studies, parts["val"]
-    corpus = report_corpus(studies) + _prompt_corpus()
-    if cfg.concepts != "none":
-        corpus += _concept_corpus(studies)
-    tokenizer = train_tokenizer(corpus, vocab_size=tiny.vocab_size)
+    tokenizer = train_tokenizer(tokenizer_corpus(studies, cfg.concepts), vocab_size=tiny.vocab_size)
     processor = build_processor(tokenizer, tiny)
     model = build_tiny_model(tokenizer, tiny, seed=seed)
     t_build = time.monotonic() - t0
@@ -232,16 +252,11 @@ def build_vlm(data_dir: str | Path, bundle_dir: str | Path, seed: int = 0, budge
 
         c = fit_vlscore_c([enc.encode_image([frames(r) for r in s.frames(cfg.max_images)[0]]) for s in fit],
                           [enc.encode_text(format_report(s.report["en"], "en")) for s in fit], seed=seed)
-        concepts_for = None
-        if cfg.concepts != "none":
-            from training.vlm.concepts import concepts_source
-
-            backend.uses_concepts = True
-            concepts_for = concepts_source("noisy", seed=seed)
+        concepts_for, given = validation_concepts(backend, cfg.concepts, seed)
         ev = evaluate_backend(backend, val, most_common_reports(train), cfg.languages, enc, c,
                               frame_cache=frames, keep_outputs=False, concepts_for=concepts_for)
-        if concepts_for is not None:
-            ev["concepts"] = f"noisy (seed {seed})"
+        if given:
+            ev["concepts"] = given
         metrics["val"] = ev
         metrics["vlscore_c"] = c
     metrics["build_seconds"] = round(time.monotonic() - t0, 1)

@@ -165,9 +165,9 @@ def train_vlm(data, out, base=None, cfg=None, merge: bool = False, resume: bool 
 
     from inference.bundle import VLMSpec, sha256_dir, update_manifest
     from inference.vlm.transformers_backend import TransformersBackend, family_of, load_model
-    from training.vlm.build import (TinyConfig, _concept_corpus, _prompt_corpus, _summary, build_processor,
-                                    build_tiny_model, n_parameters, save_vlm)
-    from training.vlm.data import FrameCache, load_examples, report_corpus, split_examples
+    from training.vlm.build import (TinyConfig, _summary, build_processor, build_tiny_model, n_parameters,
+                                    save_vlm, tokenizer_corpus, validation_concepts)
+    from training.vlm.data import FrameCache, load_examples, split_examples
     from training.vlm.train import TrainConfig, train_model
 
     t0 = time.monotonic()
@@ -190,10 +190,7 @@ def train_vlm(data, out, base=None, cfg=None, merge: bool = False, resume: bool 
         from training.vlm.tokenizer import train_tokenizer
 
         tiny = tiny or TinyConfig()
-        corpus = report_corpus(studies) + _prompt_corpus()
-        if cfg.concepts != "none":
-            corpus += _concept_corpus(studies)
-        tokenizer = train_tokenizer(corpus, vocab_size=tiny.vocab_size)
+        tokenizer = train_tokenizer(tokenizer_corpus(studies, cfg.concepts), vocab_size=tiny.vocab_size)
         processor = build_processor(tokenizer, tiny)
         model = build_tiny_model(tokenizer, tiny, seed=cfg.seed).to(device)
         family, image_size, tiny_dict = tiny.family, tiny.image_size, tiny.to_dict()
@@ -229,16 +226,11 @@ def train_vlm(data, out, base=None, cfg=None, merge: bool = False, resume: bool 
         backend = TransformersBackend(vdir, model=serve_model, processor=processor, max_images=cfg.max_images,
                                       timeout_s=600)
         backend.from_first_language = cfg.from_first_language
-        concepts_for = None
-        if cfg.concepts != "none":
-            from training.vlm.concepts import concepts_source
-
-            backend.uses_concepts = True
-            concepts_for = concepts_source("noisy", seed=cfg.seed)
+        concepts_for, given = validation_concepts(backend, cfg.concepts, cfg.seed)
         metrics["val"] = evaluate_backend(backend, val, most_common_reports(train, cfg.languages), cfg.languages,
                                           frame_cache=frames, keep_outputs=False, concepts_for=concepts_for)
-        if concepts_for is not None:
-            metrics["val"]["concepts"] = f"noisy (seed {cfg.seed})"
+        if given:
+            metrics["val"]["concepts"] = given
     metrics["build_seconds"] = round(time.monotonic() - t0, 1)
     lora_d = None
     if cfg.lora is not None:
