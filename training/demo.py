@@ -199,7 +199,7 @@ def _measure_heldout(bundle_dir: Path, test_dir: Path) -> dict:
                 for level in ("side", "vessel", "severity"):
                     summary[f"templated_{lang}_{level}_f1"] = t[level]["f1"]
                 summary[f"templated_{lang}_treatment_agreement"] = t["treatment_agreement"]
-    for k in ("vessel_dice", "lesion_sensitivity", "false_positives_per_frame", "segment_accuracy",
+    for k in ("vessel_dice", "vessel_f1_1px", "lesion_sensitivity", "false_positives_per_frame", "segment_accuracy",
               "severity_within_one_grade", "latency_ms_per_frame"):
         summary[f"lesions_{k}"] = les.get(k)
     return {"summary": summary, "selector": sel, "vlm": vlm, "lesions": les}

@@ -19,6 +19,8 @@ def register_train(sub) -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--crop", type=int, default=128,
                    help="train on crops of this size (the model serves whole frames); 0 = whole frames")
+    p.add_argument("--whole-every", type=int, default=0, metavar="K",
+                   help="every K-th step trains on whole frames (segment naming needs the whole tree); 0 = never")
     p.add_argument("--normalize", default="flatfield", choices=["flatfield", "none"])
     p.add_argument("--augment", default="sim2real", help="photometric augmentation: sim2real (no geometry) | none")
     p.add_argument("--time-budget", type=float, default=None, metavar="S", help="stop after S seconds")
@@ -32,7 +34,7 @@ def _train(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     summary = build_lesions(args.data, args.bundle, arch=args.arch, size=args.size, steps=args.steps,
-                            batch=args.batch, lr=args.lr, crop=args.crop, seed=args.seed, normalize=args.normalize,
+                            batch=args.batch, lr=args.lr, crop=args.crop, whole_every=args.whole_every, seed=args.seed, normalize=args.normalize,
                             augment=args.augment, time_budget_s=args.time_budget, threads=args.threads)
     print(json.dumps(summary, indent=2, default=str))
     return 0

@@ -48,6 +48,10 @@ class LesionTrainConfig:
     coords: bool = True  # frame-position input channels (inference.lesions.add_coords)
     augment: str = "sim2real"
     lesion_frames: float = 0.7  # share of each batch drawn from frames with a visible lesion
+    # every k-th step trains on whole frames (as many as cost the same as the crop batch): an AHA
+    # segment is named by where a branch lies in the whole tree, which a crop cannot show.
+    # 0 = crops only
+    whole_every: int = 0
     val_fraction: float = 0.1
     seed: int = 0
     threads: Optional[int] = None
@@ -160,7 +164,10 @@ def train_lesion_model(ls: LesionSet, cfg: LesionTrainConfig, progress: bool = F
     vis = ls.L[ls.L[:, 5] > 0]
     has_lesion[vis[:, 0].astype(np.int64)] = True
     pos, neg = tr[has_lesion[tr]], tr[~has_lesion[tr]]
-    model = build_model(cfg.arch, in_chans=3 if cfg.coords else 1)
+    # channels_last: oneDNN's convolutions of these narrow layers run ~25 % faster on the CPU
+    # (0.37 -> 0.28 s per 12 x 128 px batch on 2 cores); the model goes back to the default
+    # layout before it is returned, so export and parity see an ordinary module
+    model = build_model(cfg.arch, in_chans=3 if cfg.coords else 1).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(2, cfg.steps), pct_start=0.1)
     aug = Augment(cfg.augment, seed=cfg.seed, geometric=False) if cfg.augment not in ("", "none") else None
@@ -170,14 +177,17 @@ def train_lesion_model(ls: LesionSet, cfg: LesionTrainConfig, progress: bool = F
     t0 = time.monotonic()
     eval_every = max(25, cfg.steps // 8)
     step = 0
+    whole_batch = max(1, int(round(cfg.batch * (cfg.crop / cfg.size) ** 2))) if cfg.crop else cfg.batch
     for step in range(1, cfg.steps + 1):
         model.train()
-        n_pos = int(round(cfg.batch * cfg.lesion_frames)) if len(pos) else 0
-        n_pos = min(n_pos, cfg.batch) if len(neg) else cfg.batch
+        whole = bool(cfg.crop) and cfg.whole_every > 0 and step % cfg.whole_every == 0
+        nb = whole_batch if whole else cfg.batch
+        n_pos = int(round(nb * cfg.lesion_frames)) if len(pos) else 0
+        n_pos = min(n_pos, nb) if len(neg) else nb
         idx = np.concatenate([rng.choice(pos, n_pos) if n_pos else np.zeros(0, np.int64),
-                              rng.choice(neg, cfg.batch - n_pos) if cfg.batch - n_pos else np.zeros(0, np.int64)])
-        x, V, G, H, Sv = _batch(ls, idx.astype(np.int64), cfg, aug, rng=rng, crop=cfg.crop)
-        losses = lesion_losses(model(x), V, G, H, Sv)
+                              rng.choice(neg, nb - n_pos) if nb - n_pos else np.zeros(0, np.int64)])
+        x, V, G, H, Sv = _batch(ls, idx.astype(np.int64), cfg, aug, rng=rng, crop=0 if whole else cfg.crop)
+        losses = lesion_losses(model(x.contiguous(memory_format=torch.channels_last)), V, G, H, Sv)
         loss = (losses["vessel"] + cfg.segment_weight * losses["segment"] + cfg.heatmap_weight * losses["heatmap"]
                 + 2.0 * losses["severity"])
         opt.zero_grad()
@@ -199,6 +209,7 @@ def train_lesion_model(ls: LesionSet, cfg: LesionTrainConfig, progress: bool = F
             break
     if best_state is not None:
         model.load_state_dict(best_state)
+    model = model.to(memory_format=torch.contiguous_format)
     model.eval()
     hist.update(steps=step, seconds=round(time.monotonic() - t0, 1), config=asdict(cfg),
                 train_frames=int(len(tr)), val_frames=int(len(va)))
