@@ -545,6 +545,21 @@ _REJECT_REASONS = {(1, 1, 1): "host", (1, 1, 3): "calling_aet", (1, 1, 7): "call
 OnStored = Callable[[str, RecordResult], None]
 
 
+@dataclass(frozen=True)
+class StoreResult:
+    """What ``StorageSCP.store`` did with one instance: a DIMSE status, and the reason of a refusal."""
+
+    status: int
+    reason: Optional[str]
+    sop_class_uid: Optional[str] = None
+    sop_instance_uid: Optional[str] = None
+    study_uid: Optional[str] = None
+    series_uid: Optional[str] = None
+    size: int = 0
+    processable: bool = False
+    not_processed_reason: Optional[str] = None
+
+
 class StorageSCP:
     """C-ECHO + C-STORE SCP writing into a Spool and a Journal."""
 
@@ -714,24 +729,55 @@ class StorageSCP:
             rx = None
             buf = req.DataSet.getbuffer()
         try:
+            out = self.store(buf, ts, calling, rq_class, rq_inst, rx=rx)
+        finally:
+            buf.release()
+            if mm is not None:
+                try:
+                    mm.close()
+                except BufferError:  # a view still held (e.g. by a traceback): closed when collected
+                    pass
+        if out.status == ST_SUCCESS:
+            stats = getattr(event.assoc, "_cag_stats", None)
+            if stats is not None:
+                stats[0] += 1
+                stats[1] += out.size
+            self.metrics.store_seconds.observe(time.perf_counter() - t0)
+        return out.status
+
+    def store(self, buf, ts: str, calling: str, rq_class: str = "", rq_inst: str = "",
+              rx: Optional[RxFile] = None) -> "StoreResult":
+        """The one durable path of an incoming instance (C-STORE and DICOMweb STOW-RS).
+
+        ``buf``: the data set (after File Meta) encoded in transfer syntax ``ts``;
+        ``rx``: the already-written temp file holding it, adopted instead of copied.
+        Walks the header, writes + fsyncs + renames into the spool, journals it and
+        only then returns success; every refusal is journaled and counted.  Never
+        raises: the result carries the status and, on refusal, the reason.
+        """
+
+        def refuse(status: int, reason: str, sop_class, sop_inst) -> StoreResult:
+            self._refuse(status, reason, calling, sop_class, sop_inst)
+            return StoreResult(status, reason, sop_class or None, sop_inst or None)
+
+        try:
             try:
                 hdr = parse_header(buf, ts)
             except MalformedDataset as exc:
-                return self._refuse(ST_MALFORMED, f"malformed data set: {exc}", calling, rq_class, rq_inst)
+                return refuse(ST_MALFORMED, f"malformed data set: {exc}", rq_class, rq_inst)
             study, series, inst = hdr.study_uid, hdr.series_uid, hdr.sop_instance_uid
             sop_class = hdr.sop_class_uid or rq_class
             missing = [n for n, v in (("StudyInstanceUID", study), ("SeriesInstanceUID", series),
                                       ("SOPInstanceUID", inst), ("SOPClassUID", sop_class)) if not v]
             if missing:
-                return self._refuse(ST_MISSING_UID, f"missing {', '.join(missing)}", calling, rq_class, rq_inst)
+                return refuse(ST_MISSING_UID, f"missing {', '.join(missing)}", rq_class, rq_inst)
             for name, uid in (("StudyInstanceUID", study), ("SeriesInstanceUID", series), ("SOPInstanceUID", inst)):
                 if not uid_is_path_safe(uid):
-                    return self._refuse(ST_UNSAFE_UID, f"{name} {uid[:80]!r} is unsafe as a path", calling,
-                                        sop_class, inst)
+                    return refuse(ST_UNSAFE_UID, f"{name} {uid[:80]!r} is unsafe as a path", sop_class, inst)
                 if not uid_is_valid(uid):
                     log.debug("tolerating non-conformant %s %s", name, uid)
             if rq_inst and rq_inst != inst:
-                log.warning("C-STORE from %s: Affected SOP Instance UID %s differs from the data set's %s; "
+                log.warning("store from %s: requested SOP Instance UID %s differs from the data set's %s; "
                             "stored under the data set's", calling, rq_inst, inst)
             meta = FileMeta(sop_class_uid=sop_class, sop_instance_uid=inst, transfer_syntax=ts,
                             implementation_class_uid=PYNETDICOM_IMPLEMENTATION_UID,
@@ -742,10 +788,10 @@ class StorageSCP:
                 else:
                     stored = self.spool.store(study, series, inst, meta, buf)
             except SpoolFull as exc:
-                return self._refuse(ST_OUT_OF_RESOURCES, str(exc), calling, sop_class, inst)
+                return refuse(ST_OUT_OF_RESOURCES, str(exc), sop_class, inst)
             except OSError as exc:
                 status = ST_OUT_OF_RESOURCES if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ST_INTERNAL
-                return self._refuse(status, f"write failed: {exc}", calling, sop_class, inst)
+                return refuse(status, f"write failed: {exc}", sop_class, inst)
             ok, why = processable(hdr, sop_class, self.modalities)
             try:
                 result = self.journal.record_instance(
@@ -755,29 +801,15 @@ class StorageSCP:
                     patient_hash=hdr.patient_hash)
             except Exception as exc:
                 log.exception("journal write failed")
-                return self._refuse(ST_INTERNAL, f"journal write failed: {exc.__class__.__name__}", calling,
-                                    sop_class, inst)
+                return refuse(ST_INTERNAL, f"journal write failed: {exc.__class__.__name__}", sop_class, inst)
         except Exception as exc:  # never let the node die on one instance
-            log.exception("C-STORE handler failed")
-            return self._refuse(ST_INTERNAL, f"internal error: {exc.__class__.__name__}: {exc}", calling,
-                                rq_class, rq_inst)
-        finally:
-            buf.release()
-            if mm is not None:
-                try:
-                    mm.close()
-                except BufferError:  # a view still held (e.g. by a traceback): closed when collected
-                    pass
+            log.exception("store handler failed")
+            return refuse(ST_INTERNAL, f"internal error: {exc.__class__.__name__}: {exc}", rq_class, rq_inst)
         self.metrics.stored(stored.size, ok)
-        self.metrics.store_seconds.observe(time.perf_counter() - t0)
-        stats = getattr(event.assoc, "_cag_stats", None)
-        if stats is not None:
-            stats[0] += 1
-            stats[1] += stored.size
         log.debug("stored %s (%s, %s, %d bytes) study %s from %s", inst, hdr.modality, ts, stored.size, study, calling)
         if self.on_stored is not None:
             try:
                 self.on_stored(study, result)
             except Exception:  # scheduling is re-derived from the journal at restart
                 log.exception("on_stored callback failed")
-        return ST_SUCCESS
+        return StoreResult(ST_SUCCESS, None, sop_class, inst, study, series, stored.size, ok, why)
