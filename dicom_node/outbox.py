@@ -131,6 +131,21 @@ def retry_study_db(session_factory: sessionmaker, study_uid: str) -> int:
         return _requeue(s, study_uid)
 
 
+def resend_study_db(session_factory: sessionmaker, study_uid: str) -> int:
+    """Send a study's current results again, including ones already ``sent`` (a PACS
+    lost them); superseded results stay unsent and rows being sent are left alone.
+    Returns the number of rows queued.  Delivery is the outbox's usual path.
+    """
+    now = utcnow()
+    with session_factory() as s, s.begin():
+        rows = s.scalars(sa.select(OutboxRow).where(
+            OutboxRow.study_uid == study_uid, OutboxRow.state.in_((SENT, FAILED, PENDING)))).all()
+        for r in rows:
+            r.state, r.attempts, r.queued_at, r.next_attempt_at, r.claimed_by = PENDING, 0, now, now, None
+            r.sent_at = None
+        return len(rows)
+
+
 class Outbox:
     """Journalled, retried delivery of result objects to every configured destination."""
 
@@ -405,5 +420,5 @@ def _study_state(states: Sequence[str]) -> Optional[str]:
     return FAILED
 
 
-__all__ = ["Outbox", "OutboxRow", "retry_study_db", "create_table", "backoff_s",
+__all__ = ["Outbox", "OutboxRow", "retry_study_db", "resend_study_db", "create_table", "backoff_s",
            "PENDING", "SENDING", "SENT", "FAILED", "SUPERSEDED"]

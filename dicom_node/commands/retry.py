@@ -26,38 +26,51 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+class RetryRefused(ValueError):
+    """The study cannot be retried now (unknown, or still receiving)."""
+
+
+def requeue(journal, study_uid: str, reprocess: bool = False) -> str:
+    """Re-queue what failed for a study (the CLI and the web page's action); returns what was done.
+
+    Raises :class:`RetryRefused` for an unknown study or one still receiving.
+    """
+    st = journal.get_study(study_uid)
+    if st is None:
+        raise RetryRefused(f"unknown study {study_uid}")
+    if st.state == "receiving":
+        raise RetryRefused(f"study {study_uid} is still receiving; it is queued when complete")
+    try:
+        outbox = importlib.import_module("dicom_node.outbox")
+    except ModuleNotFoundError as exc:
+        if exc.name != "dicom_node.outbox":
+            raise
+        outbox = None
+    resend = getattr(outbox, "retry_study_db", None) if outbox else None
+    prefix = ""
+    if st.stage == "outbox" and st.state in ("failed", "reported") and resend and not reprocess:
+        # State first: a running node may deliver the rows at once, and it moves
+        # a study to `sent` only from `reported`.
+        journal.set_study_state(study_uid, "reported", stage="outbox")
+        n = resend(journal.sessionmaker, study_uid)
+        if n:
+            return f"study {study_uid}: {n} result(s) re-queued for sending"
+        prefix = f"study {study_uid}: no unsent result to re-queue; processing again\n"
+    job = journal.retry_study(study_uid)
+    return prefix + f"study {study_uid}: processing re-queued (job {job.id}, was {st.state})"
+
+
 def run(args) -> int:
     from dicom_node.journal import Journal
 
     cfg = load_config(args.config)
     journal = Journal(cfg.journal_url)
     try:
-        st = journal.get_study(args.study_uid)
-        if st is None:
-            print(f"cag-node retry: unknown study {args.study_uid}", file=sys.stderr)
-            return 1
-        if st.state == "receiving":
-            print(f"cag-node retry: study {args.study_uid} is still receiving; it is queued when complete",
-                  file=sys.stderr)
-            return 1
         try:
-            outbox = importlib.import_module("dicom_node.outbox")
-        except ModuleNotFoundError as exc:
-            if exc.name != "dicom_node.outbox":
-                raise
-            outbox = None
-        resend = getattr(outbox, "retry_study_db", None) if outbox else None
-        if st.stage == "outbox" and st.state in ("failed", "reported") and resend and not args.reprocess:
-            # State first: a running node may deliver the rows at once, and it moves
-            # a study to `sent` only from `reported`.
-            journal.set_study_state(args.study_uid, "reported", stage="outbox")
-            n = resend(journal.sessionmaker, args.study_uid)
-            if n:
-                print(f"study {args.study_uid}: {n} result(s) re-queued for sending")
-                return 0
-            print(f"study {args.study_uid}: no unsent result to re-queue; processing again")
-        job = journal.retry_study(args.study_uid)
-        print(f"study {args.study_uid}: processing re-queued (job {job.id}, was {st.state})")
+            print(requeue(journal, args.study_uid, reprocess=args.reprocess))
+        except RetryRefused as exc:
+            print(f"cag-node retry: {exc}", file=sys.stderr)
+            return 1
     finally:
         journal.close()
     return 0
