@@ -179,6 +179,48 @@ class AdminConfig(_Strict):
     allow_remote: bool = Field(False, description="required to bind the admin port off loopback")
 
 
+class WebAuthConfig(_Strict):
+    """Where the web face's one secret comes from (never the config file itself, never logged).
+
+    Clients send it as ``Authorization: Bearer <token>`` (DICOMweb tools) or as
+    the password of HTTP basic auth with user ``user`` (browsers).
+    """
+
+    token_file: Optional[str] = None  # a file holding the token (first line)
+    token_env: Optional[str] = None  # or the name of an environment variable holding it
+    user: str = "cag"  # the basic-auth user name
+
+
+class WebTLSConfig(_Strict):
+    cert: Optional[str] = None
+    key: Optional[str] = None
+
+
+class WebConfig(_Strict):
+    """Status pages and DICOMweb (STOW-RS in, QIDO-RS / WADO-RS of results).
+
+    Off by default so that an upgraded node opens no new port; when enabled it
+    binds loopback unless ``allow_remote`` is set, which also requires TLS and
+    authentication (checked in ``parse_config``).
+    """
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(8081, ge=0, le=65535)
+    allow_remote: bool = Field(False, description="required to bind off loopback (with tls and auth)")
+    tls: WebTLSConfig = Field(default_factory=WebTLSConfig)
+    auth: WebAuthConfig = Field(default_factory=WebAuthConfig)
+    allowed_hosts: list[str] = Field(default_factory=list, description="optional client IP/CIDR allow-list")
+    max_upload_mb: int = Field(2048, ge=1, description="largest STOW-RS request body")
+    refresh_s: int = Field(10, ge=0, description="studies page auto-refresh; 0 = off")
+    page_size: int = Field(200, ge=1, le=5000, description="studies per page")
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, v: list[str]) -> list[str]:
+        return NodeConfig._hosts(v)
+
+
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     file: Optional[str] = None
@@ -196,6 +238,7 @@ class Config(_Strict):
     destinations: list[Destination] = Field(default_factory=list)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
+    web: WebConfig = Field(default_factory=WebConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     # Directory relative paths are resolved against (not a config key).
@@ -261,10 +304,39 @@ def parse_config(data: dict | None, base_dir: Path | None = None, source: str = 
                 raise ConfigError(
                     f"invalid configuration in {source}:\n  admin.host: must be a loopback IP address"
                 ) from None
+    _check_web(cfg, source)
     names = [d.name for d in cfg.destinations]
     if len(set(names)) != len(names):
         raise ConfigError(f"invalid configuration in {source}:\n  destinations: names must be unique")
     return cfg
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_web(cfg: Config, source: str) -> None:
+    """Off loopback the web face needs allow_remote, TLS and a token source (PHI crosses the wire)."""
+    w = cfg.web
+    head = f"invalid configuration in {source}:\n"
+    if bool(w.tls.cert) != bool(w.tls.key):
+        raise ConfigError(head + "  web.tls: cert and key go together")
+    if w.auth.token_file and w.auth.token_env:
+        raise ConfigError(head + "  web.auth: set token_file or token_env, not both")
+    if not w.enabled or _is_loopback(w.host):
+        return
+    if not w.allow_remote:
+        raise ConfigError(head + f"  web.host: {w.host} is not a loopback address; set web.allow_remote: true "
+                          "(with web.tls and web.auth) to serve the web face off this machine")
+    if not (w.tls.cert and w.tls.key):
+        raise ConfigError(head + "  web.tls: serving off loopback needs cert and key")
+    if not (w.auth.token_file or w.auth.token_env):
+        raise ConfigError(head + "  web.auth: serving off loopback needs token_file or token_env")
 
 
 def load_config(path: str | os.PathLike | None) -> Config:

@@ -53,6 +53,7 @@ class Node:
         self.scp: Optional[StorageSCP] = None
         self.completion: Optional[CompletionScheduler] = None
         self.admin: Optional[AdminServer] = None
+        self.web = None  # dicom_node.web.server.WebServer when web.enabled
         self.outbox = None
         self._bundle = None
         self._bundle_lock = threading.Lock()
@@ -124,16 +125,22 @@ class Node:
         if cfg.admin.enabled:
             self.admin = AdminServer(cfg.admin.host, cfg.admin.port, self.metrics, self.health)
             self.admin.start()
+        if cfg.web.enabled:
+            # imported only when enabled: a node without the web extras runs as before
+            from dicom_node.web.server import WebServer
+
+            self.web = WebServer(self)
+            self.web.start()
         if cfg.processing.enabled:
             for i in range(cfg.processing.workers):
                 t = threading.Thread(target=self._worker, name=f"cag-worker-{i}", daemon=True)
                 t.start()
                 self._workers.append(t)
         self._started = True
-        log.info("listening on %s:%d as %s%s; admin %s; spool %s; journal %s", host, port, cfg.node.ae_title,
-                 " (TLS)" if cfg.node.tls.enabled else "",
-                 f"{self.admin.host}:{self.admin.port}" if self.admin else "disabled", self.spool.root,
-                 _safe_url(cfg.journal_url))
+        log.info("listening on %s:%d as %s%s; admin %s; web %s; spool %s; journal %s", host, port,
+                 cfg.node.ae_title, " (TLS)" if cfg.node.tls.enabled else "",
+                 f"{self.admin.host}:{self.admin.port}" if self.admin else "disabled",
+                 self.web.url if self.web else "disabled", self.spool.root, _safe_url(cfg.journal_url))
         return self
 
     def _start_outbox(self) -> None:
@@ -158,6 +165,11 @@ class Node:
             return
         self._started = False
         log.info("stopping: no new associations; waiting up to %.0fs for in-flight ones", grace_s)
+        if self.web:
+            try:
+                self.web.stop()  # finishes in-flight requests (a STOW being stored completes)
+            except Exception:
+                log.exception("web server stop failed")
         if self.scp:
             self.scp.stop(grace_s)
         self._stop.set()

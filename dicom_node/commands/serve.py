@@ -45,7 +45,8 @@ def run(args) -> int:
         host, port = node.address
         admin = f"admin {cfg.admin.host}:{node.admin_port}" if node.admin_port is not None else "admin disabled"
         tls = " with TLS" if cfg.node.tls.enabled else ""
-        print(f"cag-node listening on {host}:{port} as {cfg.node.ae_title}{tls} ({admin})", flush=True)
+        web = f"; web {node.web.url}" if node.web is not None else ""
+        print(f"cag-node listening on {host}:{port} as {cfg.node.ae_title}{tls} ({admin}){web}", flush=True)
         node.run_forever()
     finally:
         node.stop(grace_s=args.grace)
