@@ -128,9 +128,7 @@ def parse_multipart(body: bytes | bytearray | memoryview, boundary: str, max_par
                 raise MultipartError("the body ends without the closing boundary (truncated upload?)")
             raise MultipartError(f"garbage after a boundary at offset {pos}")
         pos += 2
-        end = raw.find(delim, pos)
-        if end < 0:
-            raise MultipartError("the body ends without the closing boundary (truncated upload?)")
+        end = _find_delimiter(raw, delim, pos)
         hdr_end = raw.find(b"\r\n\r\n", pos, end)
         if raw[pos:pos + 2] == b"\r\n":  # no headers at all
             headers, start = {}, pos + 2
@@ -142,6 +140,25 @@ def parse_multipart(body: bytes | bytearray | memoryview, boundary: str, max_par
         if len(parts) > max_parts:
             raise MultipartError(f"more than {max_parts} parts")
         pos = end + len(delim)
+
+
+def _find_delimiter(raw: bytes, delim: bytes, pos: int) -> int:
+    """The next ``CRLF--boundary`` that really is a delimiter: followed by ``--`` (close) or
+    by optional transport padding and CRLF.  (A sender must choose a boundary that is not in
+    the payload, but a look-alike such as ``--boundaryX`` is data, not a delimiter.)"""
+    while True:
+        end = raw.find(delim, pos)
+        if end < 0:
+            raise MultipartError("the body ends without the closing boundary (truncated upload?)")
+        after = end + len(delim)
+        if raw[after:after + 2] == b"--":
+            return end
+        q = after
+        while raw[q:q + 1] in (b" ", b"\t"):
+            q += 1
+        if raw[q:q + 2] == b"\r\n":
+            return end
+        pos = end + 1
 
 
 def encode_multipart(parts: list[tuple[bytes, str]], boundary: Optional[str] = None) -> tuple[bytes, str]:

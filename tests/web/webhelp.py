@@ -1,0 +1,81 @@
+"""Helpers of the web tests (imported by name: tests/web is put on sys.path by its conftest)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from dicom_node.config import parse_config
+from dicom_node.web.multipart import encode_multipart
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTEFACTS = Path(os.environ.get("CAG_WEB_ARTEFACTS", ROOT / "build" / "test-artefacts" / "web"))
+
+
+def _load(rel: str, name: str):
+    """Another test folder's conftest as a module of its own (helpers shared, not copied)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / rel)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_core = _load("dicom_node/conftest.py", "_cag_web_core_helpers")
+make_dataset, write_dataset, pyscu_send = _core.make_dataset, _core.write_dataset, _core.pyscu_send
+
+
+
+def web_config(tmp_path: Path, **sections) -> object:
+    data = {
+        "node": {"port": 0, "allowed_calling_aets": ["PYSCU", "STORESCU", "MODALITY"]},
+        "storage": {"path": str(tmp_path / "spool"), "journal": f"sqlite:///{tmp_path / 'journal.db'}",
+                    "min_free_mb": 1},
+        "completion": {"quiet_seconds": 30},
+        "processing": {"enabled": False},
+        "admin": {"enabled": False},
+        "web": {"enabled": True, "port": 0, "refresh_s": 0},
+    }
+    for k, v in sections.items():
+        if isinstance(v, dict) and isinstance(data.get(k), dict):
+            data[k].update(v)
+        else:
+            data[k] = v
+    return parse_config(data, base_dir=tmp_path)
+
+
+
+
+def stow_body(paths_or_payloads) -> tuple[bytes, dict]:
+    parts = []
+    for p in paths_or_payloads:
+        payload = Path(p).read_bytes() if isinstance(p, Path) else p
+        parts.append((payload, "application/dicom"))
+    body, boundary = encode_multipart(parts)
+    return body, {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'}
+
+
+def synthetic_run_files(d: Path, n: int = 3, **kw) -> tuple[str, list[Path]]:
+    from pydicom.uid import generate_uid
+
+    study = generate_uid()
+    series = generate_uid()
+    files = [write_dataset(make_dataset(study, series, seed=i, **kw), d / f"run{i}.dcm") for i in range(n)]
+    return study, files
+
+
+def wait_state(node, study_uid, states, timeout=240.0):
+    deadline = time.monotonic() + timeout
+    st = None
+    while time.monotonic() < deadline:
+        st = node.journal.get_study(study_uid)
+        if st is not None and st.state in states:
+            return st
+        time.sleep(0.2)
+    raise AssertionError(f"{study_uid}: {getattr(st, 'state', None)} {getattr(st, 'error', '')}")
+
+
