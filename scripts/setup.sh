@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything cag-node needs on a fresh Debian machine (idempotent):
-# the DICOM peers (dcmtk, Orthanc, dicom3tools) from apt, and a virtual
+# the DICOM peers (dcmtk, Orthanc, dicom3tools) and headless Chromium with CJK
+# fonts (the web face's browser tests and screenshots) from apt, and a virtual
 # environment in .venv with the project and its pinned dependencies.
 #   EXTRAS=dev (default) | train | vlm | ""  selects the pip extras.
 set -euo pipefail
@@ -8,15 +9,15 @@ cd "$(dirname "$0")/.."
 EXTRAS="${EXTRAS-dev}"
 
 need_apt=0
-for tool in storescu storescp echoscu dsrdump dsr2html dciodvfy Orthanc curl; do
+for tool in storescu storescp echoscu dsrdump dsr2html dciodvfy Orthanc curl chromium; do
   command -v "$tool" >/dev/null 2>&1 || need_apt=1
 done
 if [ "$need_apt" = 1 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-  echo "== installing dcmtk, orthanc, dicom3tools (apt)"
+  echo "== installing dcmtk, orthanc, dicom3tools, chromium (apt)"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-    dcmtk orthanc dicom3tools curl >/dev/null
+    dcmtk orthanc dicom3tools curl chromium fonts-noto-cjk >/dev/null
 fi
 
 PY="${PYTHON:-python3}"

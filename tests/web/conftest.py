@@ -51,8 +51,20 @@ def processed(tmp_path_factory, quick_bundle):
         pacs = StoreSCP(tmp / "pacs").start()
         dests = [{"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.port}]
     files = make_demo_study(tmp / "study", seed=77, quick=True)
+    # The quick bundle's lesion model is barely trained: lower its peak threshold (as the
+    # e2e lesion test does) so that the study page has lesion marks to show.
+    from inference.bundle import Bundle
+
+    bundle = tmp / "bundle"
+    shutil.copytree(quick_bundle, bundle)
+    b = Bundle.load(bundle)
+    if b.manifest.lesions is not None:
+        b.manifest.lesions.peak_threshold = 0.0
+        b.manifest.lesions.min_distance = 40
+        b.manifest.lesions.vessel_threshold = 0.0
+        b.save_manifest()
     cfg = web_config(tmp, completion={"quiet_seconds": 0.5}, processing={"enabled": True},
-                     models={"bundle": str(quick_bundle)}, destinations=dests,
+                     models={"bundle": str(bundle)}, destinations=dests,
                      outbox={"retry_base_s": 0.5, "poll_s": 0.3})
     node = Node(cfg).start()
     body, headers = stow_body(files)
