@@ -263,15 +263,18 @@ def build_app(node, token: Optional[str] = None) -> Starlette:
         try:
             studies_ = [s for s in node.journal.list_studies()
                         if dicomweb.match(q, "0020000D", "StudyInstanceUID", s.study_uid)]
+            want = q.get("ModalitiesInStudy") or q.get("00080061")
+            if not want:  # page before reading each study's holdings (cost ~ the page, not the journal)
+                studies_ = dicomweb.paged(studies_, q)
             out = []
             for s in studies_:
                 h = dicomweb.Holdings(node.journal, results_root, s.study_uid)
                 mods = {x["modality"] for x in h.series.values()}
-                want = q.get("ModalitiesInStudy") or q.get("00080061")
                 if want and not ({w.strip() for w in want.split(",")} & mods):
                     continue
                 out.append(dicomweb.study_json(s, h, base_url(request)))
-            out = dicomweb.paged(out, q)
+            if want:
+                out = dicomweb.paged(out, q)
         except ValueError as exc:
             return _error(400, str(exc))
         return DicomJSON(out) if out else Response(status_code=204)
