@@ -60,7 +60,15 @@ def build_app(node, token: Optional[str] = None) -> Starlette:
     secure_cookie = bool(cfg.web.tls.cert)
 
     def base_url(request: Request) -> str:
-        return str(request.base_url).rstrip("/")
+        """scheme://host:port of this server, for RetrieveURLs.  Some clients (dicomweb-client)
+        send a Host header without the port; the port we listen on is added then."""
+        scheme = request.url.scheme
+        host = request.headers.get("host") or request.url.hostname or "127.0.0.1"
+        if ":" not in host.rsplit("]", 1)[-1]:
+            port = (request.scope.get("server") or (None, None))[1]
+            if port and port != {"http": 80, "https": 443}.get(scheme):
+                host = f"{host}:{port}"
+        return f"{scheme}://{host}"
 
     def render(request: Request, name: str, status: int = 200, **ctx) -> HTMLResponse:
         tok = request.cookies.get(auth.CSRF_COOKIE) or auth.new_csrf_token()

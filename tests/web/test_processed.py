@@ -90,6 +90,8 @@ def test_qido_and_wado_with_dicomweb_client(processed):
     c = DICOMwebClient(url=processed["url"] + "/dicomweb")
     studies = c.search_for_studies(search_filters={"StudyInstanceUID": uid})
     assert len(studies) == 1 and "SR" in studies[0]["00080061"]["Value"]
+    # the RetrieveURL names this server with its port (dicomweb-client's Host header has none)
+    assert studies[0]["00081190"]["Value"][0] == f"{processed['url']}/dicomweb/studies/{uid}"
     assert studies[0]["00201208"]["Value"][0] == len(processed["files"]) + 2
     series = c.search_for_series(uid)
     mods = sorted(s["00080060"]["Value"][0] for s in series)

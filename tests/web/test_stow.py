@@ -114,3 +114,28 @@ def test_web_off_by_default_keeps_the_node_as_before(tmp_path, start_node):
     node = start_node(cfg)
     assert node.web is None
     assert not __import__("dicom_node.config", fromlist=["x"]).parse_config({}).web.enabled
+
+
+def test_serve_prints_the_web_url_and_stops_cleanly(tmp_path):
+    """``cag-node serve`` with web on: the ready line names the web URL, STOW works, SIGTERM exits 0."""
+    import re
+
+    import yaml
+
+    from webhelp import _core
+
+    cfg = {"node": {"port": 0, "allowed_calling_aets": ["PYSCU"]},
+           "storage": {"path": str(tmp_path / "spool"), "journal": f"sqlite:///{tmp_path / 'j.db'}", "min_free_mb": 1},
+           "processing": {"enabled": False}, "admin": {"enabled": False}, "web": {"enabled": True, "port": 0}}
+    p = tmp_path / "config.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    proc = _core.NodeProcess(p).start()
+    try:
+        m = re.search(r"; web (http://127\.0\.0\.1:\d+)$", proc.ready_line)
+        assert m, proc.ready_line
+        study, files = synthetic_run_files(tmp_path / "in", 1)
+        body, h = stow_body(files)
+        assert requests.post(m.group(1) + "/dicomweb/studies", data=body, headers=h, timeout=30).status_code == 200
+        assert proc.terminate() == 0
+    finally:
+        proc.kill9()
