@@ -12,7 +12,6 @@ import shutil
 import socket
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pydicom
@@ -21,6 +20,7 @@ import pytest
 from dicom_node.config import parse_config
 
 from dicom_node.demo import free_port
+from nodewait import wait_state
 
 pytestmark = pytest.mark.slow
 
@@ -39,18 +39,6 @@ def node_config(tmp_path: Path, bundle: Path, dest_port: int, dest_aet: str = "P
     for section, values in over.items():
         data.setdefault(section, {}).update(values)
     return parse_config(data, base_dir=tmp_path)
-
-
-def wait_state(node, study_uid: str, states=("sent", "failed"), timeout: float = 300):
-    deadline = time.monotonic() + timeout
-    st = None
-    while time.monotonic() < deadline:
-        st = node.journal.get_study(study_uid)
-        if st is not None and st.state in states:
-            return st
-        time.sleep(0.3)
-    raise AssertionError(f"study {study_uid} did not reach {states}: {getattr(st, 'state', None)} "
-                         f"{getattr(st, 'error', '')}")
 
 
 def storescu(files, port, calling="MODALITY", called="CAGNODE"):

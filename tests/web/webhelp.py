@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 from dicom_node.config import parse_config
 from dicom_node.web.multipart import encode_multipart
+from nodewait import wait_state  # noqa: F401  (re-exported for the web tests)
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTEFACTS = Path(os.environ.get("CAG_WEB_ARTEFACTS", ROOT / "build" / "test-artefacts" / "web"))
@@ -66,16 +66,5 @@ def synthetic_run_files(d: Path, n: int = 3, **kw) -> tuple[str, list[Path]]:
     series = generate_uid()
     files = [write_dataset(make_dataset(study, series, seed=i, **kw), d / f"run{i}.dcm") for i in range(n)]
     return study, files
-
-
-def wait_state(node, study_uid, states, timeout=240.0):
-    deadline = time.monotonic() + timeout
-    st = None
-    while time.monotonic() < deadline:
-        st = node.journal.get_study(study_uid)
-        if st is not None and st.state in states:
-            return st
-        time.sleep(0.2)
-    raise AssertionError(f"{study_uid}: {getattr(st, 'state', None)} {getattr(st, 'error', '')}")
 
 
