@@ -172,6 +172,45 @@ class OutboxConfig(_Strict):
     poll_s: float = Field(2.0, gt=0)
 
 
+class MPPSConfig(_Strict):
+    """Modality Performed Procedure Step SCP (dicom_node.mpps): the modality says when it is done."""
+
+    enabled: bool = True
+    # After N-SET COMPLETED, wait this long for the listed instances; then the
+    # quiet-period timer decides (logged, shown in `cag-node studies`).
+    instance_timeout_s: float = Field(300.0, gt=0)
+    # DISCONTINUED: "process" what arrived at once, or "skip" the study (state failed,
+    # stage mpps; `cag-node retry` processes it anyway).
+    on_discontinued: Literal["process", "skip"] = "process"
+    # name of a destination (destinations:) every MPPS N-CREATE/N-SET is forwarded to
+    forward_to: Optional[str] = None
+
+
+class Subscriber(_Strict):
+    """Where N-EVENT-REPORTs for a subscribed AE title are sent (a separate association)."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return _check_ae(v)
+
+
+class UPSConfig(_Strict):
+    """Unified Procedure Step provider (IHE AIW-I; dicom_node.ups)."""
+
+    enabled: bool = True
+    # AE titles that may subscribe (N-ACTION subscribe) and where their event reports go;
+    # an unknown Receiving AE is refused with 0xC308.
+    subscribers: list[Subscriber] = Field(default_factory=list)
+    # the node creates a UPS for every study it processes (claimed, completed with the SR/KOS)
+    create_for_studies: bool = False
+    event_timeout_s: float = Field(10.0, gt=0, description="per N-EVENT-REPORT association")
+
+
 class AdminConfig(_Strict):
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -237,6 +276,8 @@ class Config(_Strict):
     vlm: VLMConfig = Field(default_factory=VLMConfig)
     destinations: list[Destination] = Field(default_factory=list)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+    mpps: MPPSConfig = Field(default_factory=MPPSConfig)
+    ups: UPSConfig = Field(default_factory=UPSConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     web: WebConfig = Field(default_factory=WebConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
@@ -308,6 +349,9 @@ def parse_config(data: dict | None, base_dir: Path | None = None, source: str = 
     names = [d.name for d in cfg.destinations]
     if len(set(names)) != len(names):
         raise ConfigError(f"invalid configuration in {source}:\n  destinations: names must be unique")
+    if cfg.mpps.forward_to is not None and cfg.mpps.forward_to not in names:
+        raise ConfigError(f"invalid configuration in {source}:\n  mpps.forward_to: no destination named "
+                          f"{cfg.mpps.forward_to!r}")
     return cfg
 
 

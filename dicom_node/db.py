@@ -50,4 +50,5 @@ def create_all(engine: sa.Engine) -> None:
         from dicom_node import outbox  # noqa: F401
     except ImportError:  # outbox not present in a minimal build
         pass
+    from dicom_node import mpps, ups  # noqa: F401  (MPPS and UPS state tables)
     Base.metadata.create_all(engine)

@@ -195,6 +195,7 @@ class RecordResult:
     new_study: bool
     reopened: bool  # the study had left 'receiving' and is receiving again
     last_received: datetime
+    sop_instance_uid: str = ""  # what was recorded (the MPPS watch needs it)
 
 
 def _study(s: Study) -> StudyRecord:
@@ -357,7 +358,7 @@ class Journal:
             inst.calling_aet = calling_aet
             inst.processable = processable
             inst.reason = reason
-        return RecordResult(new_instance, new_study, reopened, now)
+        return RecordResult(new_instance, new_study, reopened, now, sop_instance_uid)
 
     def record_rejection(self, *, status: int, reason: str, calling_aet: Optional[str] = None,
                          sop_class_uid: Optional[str] = None, sop_instance_uid: Optional[str] = None) -> None:

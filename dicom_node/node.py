@@ -55,6 +55,10 @@ class Node:
         self.admin: Optional[AdminServer] = None
         self.web = None  # dicom_node.web.server.WebServer when web.enabled
         self.outbox = None
+        self.mpps = None  # dicom_node.mpps.MPPSService when mpps.enabled
+        self.ups = None  # dicom_node.ups.UPSService when ups.enabled
+        self._mpps_forwarder = None
+        self._ups_events = None
         self._bundle = None
         self._bundle_lock = threading.Lock()
         self._stop = threading.Event()
@@ -119,8 +123,10 @@ class Node:
         self.completion.start()
         self.completion.resume()
         self._start_outbox()
+        workflow = self._start_workflow()
 
-        self.scp = StorageSCP(cfg, self.spool, self.journal, self.metrics, on_stored=self._on_stored)
+        self.scp = StorageSCP(cfg, self.spool, self.journal, self.metrics, on_stored=self._on_stored,
+                              workflow=workflow)
         host, port = self.scp.start()
         if cfg.admin.enabled:
             self.admin = AdminServer(cfg.admin.host, cfg.admin.port, self.metrics, self.health)
@@ -159,6 +165,41 @@ class Node:
             if self.outbox.study_state(st.study_uid) == "sent":
                 self._on_study_sent(st.study_uid)
 
+    def _start_workflow(self):
+        """MPPS and UPS services (their state is in the journal; resumed before the listener starts)."""
+        cfg = self.config
+        if cfg.mpps.enabled:
+            from dicom_node.mpps import MPPSForwarder, MPPSService
+
+            if cfg.mpps.forward_to:
+                dest = next(d for d in cfg.destinations if d.name == cfg.mpps.forward_to)
+                self._mpps_forwarder = MPPSForwarder(cfg, dest)
+            self.mpps = MPPSService(cfg, self.journal, self.completion.scheduler, self._complete_now,
+                                    forward=self._mpps_forwarder)
+            self.completion.veto = self.mpps.veto
+            self.mpps.resume()
+        if cfg.ups.enabled:
+            from dicom_node.ups import EventSender, UPSService
+
+            self._ups_events = EventSender(cfg)
+            self.ups = UPSService(cfg, self.journal, self.completion.scheduler, self._ups_events)
+            try:
+                self.ups.recover(cfg.spool_dir / "results")
+            except Exception:
+                log.exception("UPS recovery failed; the work items stay IN PROGRESS")
+        if self.mpps is None and self.ups is None:
+            return None
+        from dicom_node.workflow_scp import WorkflowHandlers
+
+        return WorkflowHandlers(self.mpps, self.ups)
+
+    def _complete_now(self, study_uid: str) -> bool:
+        """A study is complete because its MPPS says so (no quiet period)."""
+        done = self.journal.complete_study(study_uid, 0.0)
+        if done is True:
+            self._on_complete(study_uid)
+        return done is True
+
     def stop(self, grace_s: float = 30.0) -> None:
         """Graceful: stop accepting, let in-flight C-STOREs finish, leave jobs journaled."""
         if not self._started:
@@ -180,6 +221,12 @@ class Node:
         if busy:
             # Their jobs stay 'running' in the journal and are re-queued at the next start.
             log.warning("leaving %d processing job(s) in flight; they resume at next start", len(busy))
+        for part in (self._ups_events, self._mpps_forwarder):
+            if part is not None:
+                try:
+                    part.stop()
+                except Exception:
+                    log.exception("stopping %s failed", part.__class__.__name__)
         if self.outbox is not None:
             try:
                 self.outbox.stop()
@@ -209,6 +256,8 @@ class Node:
         if result.reopened:
             log.info("study %s reopened by a late instance", study_uid)
         self.completion.instance_received(study_uid, result.last_received)
+        if self.mpps is not None and result.sop_instance_uid:
+            self.mpps.instance_stored(result.sop_instance_uid)
 
     def _on_complete(self, study_uid: str) -> None:
         self.metrics.studies_completed.inc()
@@ -268,8 +317,9 @@ class Node:
     def _run_job(self, fn: Callable, job) -> None:
         log.info("processing study %s (job %d, attempt %d)", job.study_uid, job.id, job.attempts)
         t0 = time.monotonic()
+        self._ups_begin(job.study_uid)
         try:
-            fn(self, job.study_uid)
+            summary = fn(self, job.study_uid)
         except Exception as exc:
             err = f"{exc.__class__.__name__}: {exc}"[:2000]
             log.error("processing study %s failed: %s", job.study_uid, err)
@@ -277,11 +327,43 @@ class Node:
             st = self.journal.get_study(job.study_uid)
             if st is not None and st.state != "receiving":
                 self.journal.set_study_state(job.study_uid, "failed", stage=st.stage or "pipeline", error=err)
+                self._ups_end(job.study_uid, None, error=err)
             self.metrics.jobs.labels(outcome="failed").inc()
             return
         self.journal.finish_job(job.id)
+        self._ups_end(job.study_uid, summary)
         self.metrics.jobs.labels(outcome="done").inc()
         log.info("study %s processed in %.1fs", job.study_uid, time.monotonic() - t0)
+
+
+    # -- UPS: the node as performer of its studies' work items ------------------------
+    def _ups_begin(self, study_uid: str) -> None:
+        if self.ups is None:
+            return
+        try:
+            self.ups.begin_study(study_uid)
+        except Exception:
+            log.exception("claiming the work items of study %s failed", study_uid)
+
+    def _ups_end(self, study_uid: str, summary, error: Optional[str] = None) -> None:
+        """Complete (results published) or cancel (failed) the node's work items of a study."""
+        if self.ups is None:
+            return
+        try:
+            if error is not None:
+                self.ups.cancel_study(study_uid, f"processing failed: {error}"[:200])
+                return
+            st = self.journal.get_study(study_uid)
+            if st is None or st.state not in ("reported", "sent"):
+                return  # stale (reopened) or still running: the next processing finishes them
+            from dicom_node.ups import outputs_in, outputs_of
+
+            results = summary.get("results") if isinstance(summary, dict) else None
+            outputs = (outputs_of(r["path"] for r in results) if results
+                       else outputs_in(self.config.spool_dir / "results" / study_uid))
+            self.ups.finish_study(study_uid, outputs)
+        except Exception:
+            log.exception("updating the work items of study %s failed", study_uid)
 
 
 def _safe_url(url: str) -> str:

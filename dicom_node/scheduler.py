@@ -38,6 +38,8 @@ class CompletionScheduler:
         self.scheduler = BackgroundScheduler(job_defaults={
             "misfire_grace_time": None, "coalesce": True, "max_instances": 1})
         self._pending: set[str] = set()
+        # veto(study_uid) -> reason: do not process this study (a skipped DISCONTINUED MPPS)
+        self.veto: Optional[Callable[[str], Optional[str]]] = None
         self._lock = threading.Lock()
 
     def start(self) -> None:
@@ -72,6 +74,18 @@ class CompletionScheduler:
     def _fire(self, study_uid: str) -> None:
         with self._lock:
             self._pending.discard(study_uid)
+        try:
+            why = self.veto(study_uid) if self.veto is not None else None
+            if why:
+                st = self.journal.get_study(study_uid)
+                due = st.last_received + timedelta(seconds=self.quiet) if st is not None else None
+                if due is not None and due > datetime.now(timezone.utc):
+                    self._arm(study_uid, due)
+                elif st is not None and st.state == "receiving":
+                    self.journal.set_study_state(study_uid, "failed", stage="mpps", error=why)
+                return
+        except Exception:
+            log.exception("completion veto check failed for study %s", study_uid)
         try:
             again = self.journal.complete_study(study_uid, self.quiet, now=datetime.now(timezone.utc))
         except Exception:

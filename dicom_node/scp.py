@@ -564,8 +564,10 @@ class StorageSCP:
     """C-ECHO + C-STORE SCP writing into a Spool and a Journal."""
 
     def __init__(self, config: Config, spool: Spool, journal: Journal, metrics: NodeMetrics,
-                 on_stored: Optional[OnStored] = None):
+                 on_stored: Optional[OnStored] = None, workflow=None):
+        """``workflow``: a ``dicom_node.workflow_scp.WorkflowHandlers`` (MPPS, UPS) served on the same AE."""
         self.config = config
+        self.workflow = workflow
         self.spool = spool
         self.journal = journal
         self.metrics = metrics
@@ -592,6 +594,9 @@ class StorageSCP:
         ae.add_supported_context(Verification)
         for uid in storage_sop_classes():
             ae.add_supported_context(uid, TRANSFER_SYNTAXES)
+        if self.workflow is not None:
+            for uid in self.workflow.sop_classes():
+                ae.add_supported_context(uid, [EXPLICIT_LE, IMPLICIT_LE])
         return ae
 
     # -- lifecycle ----------------------------------------------------------
@@ -607,6 +612,8 @@ class StorageSCP:
             (evt.EVT_ABORTED, self._on_closed),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
+        if self.workflow is not None:
+            handlers.extend(self.workflow.handlers())
         ctx = build_ssl_context(self.config)
         self.server = self.ae.start_server((n.host, n.port), block=False, evt_handlers=handlers,
                                            ssl_context=ctx)

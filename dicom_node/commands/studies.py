@@ -25,7 +25,10 @@ def run(args) -> int:
     journal = Journal(cfg.journal_url)
     outbox_rows: dict[str, list[dict]] = {}
     try:
+        from dicom_node.mpps import mpps_by_study
+
         studies = journal.list_studies()
+        mpps = mpps_by_study(journal.sessionmaker)
         if args.json:
             outbox_rows = _outbox_rows(journal)
     finally:
@@ -38,6 +41,7 @@ def run(args) -> int:
             "completed_at": s.completed_at.isoformat() if s.completed_at else None,
             "timings": s.timings,
             "outbox": outbox_rows.get(s.study_uid, []),
+            "mpps": mpps.get(s.study_uid, []),
         } for s in studies]
         print(json.dumps(rows, indent=2))
         return 0
@@ -45,12 +49,17 @@ def run(args) -> int:
         print("no studies")
         return 0
     w = max(len("StudyInstanceUID"), *(len(s.study_uid) for s in studies))
-    print(f"{'StudyInstanceUID':<{w}}  {'state':<10}  {'n':>5}  {'stage':<10}  error")
+    print(f"{'StudyInstanceUID':<{w}}  {'state':<10}  {'n':>5}  {'stage':<10}  {'mpps':<22}  error")
     for s in studies:
         err = (s.error or "").replace("\n", " ")
+        pps = mpps.get(s.study_uid, [])
+        last = pps[-1] if pps else None
+        if last is not None and last["completion"] == "timed_out":
+            err = f"MPPS: {last['note']}" + (f"; {err}" if err else "")
         if len(err) > 100:
             err = err[:97] + "..."
-        print(f"{s.study_uid:<{w}}  {s.state:<10}  {s.n_instances:>5}  {(s.stage or ''):<10}  {err}")
+        col = f"{last['state']}/{last['completion']}" if last else ""
+        print(f"{s.study_uid:<{w}}  {s.state:<10}  {s.n_instances:>5}  {(s.stage or ''):<10}  {col:<22}  {err}")
     return 0
 
 
