@@ -137,7 +137,8 @@ class WorkflowHandlers:
         def run():
             if self.ups is None:
                 return ST_NO_SUCH_SOP_CLASS, None
-            tags = list(event.request.AttributeIdentifierList or [])
+            tags = event.request.AttributeIdentifierList or []
+            tags = [tags] if isinstance(tags, int) else list(tags)  # one tag arrives as a bare tag
             return 0x0000, self.ups.get(uid, tags)
 
         return self._guard("N-GET", event, run)
