@@ -630,6 +630,18 @@ class UPSService:
         self.finish_study(study_uid, outputs)
 
 
+def ups_by_study(session_factory) -> dict[str, list[dict]]:
+    """For ``cag-node studies --json``: each study's work items (UIDs and states only)."""
+    out: dict[str, list[dict]] = {}
+    with session_factory() as s:
+        for r in s.scalars(sa.select(UPSItem).order_by(UPSItem.created_at)):
+            if r.study_uid:
+                out.setdefault(r.study_uid, []).append({
+                    "sop_instance_uid": r.sop_instance_uid, "state": r.state,
+                    "performer": r.owner, "created_by": r.created_by})
+    return out
+
+
 def _matches(ds: Dataset, query: Dataset) -> bool:
     for elem in query:
         if elem.VR == "SQ" or elem.tag in (Tag("SOPClassUID"), Tag("TransactionUID")):

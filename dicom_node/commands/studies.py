@@ -26,9 +26,11 @@ def run(args) -> int:
     outbox_rows: dict[str, list[dict]] = {}
     try:
         from dicom_node.mpps import mpps_by_study
+        from dicom_node.ups import ups_by_study
 
         studies = journal.list_studies()
         mpps = mpps_by_study(journal.sessionmaker)
+        ups = ups_by_study(journal.sessionmaker)
         if args.json:
             outbox_rows = _outbox_rows(journal)
     finally:
@@ -42,6 +44,7 @@ def run(args) -> int:
             "timings": s.timings,
             "outbox": outbox_rows.get(s.study_uid, []),
             "mpps": mpps.get(s.study_uid, []),
+            "ups": ups.get(s.study_uid, []),
         } for s in studies]
         print(json.dumps(rows, indent=2))
         return 0

@@ -243,3 +243,14 @@ def test_node_creates_work_item_per_study_and_cancels_on_failure(make_node, tmp_
         st, item = scu.n_get([], UPS_PULL, str(found[0].SOPInstanceUID))
     assert st == 0 and item.InputInformationSequence[0].StudyInstanceUID == ds.StudyInstanceUID
     assert "model exploded" in item.ReasonForCancellation
+    import json
+    import subprocess
+
+    from tests.dicom_node.conftest import CAG_NODE, write_config
+
+    cfg_path = write_config(tmp_path, node_config(tmp_path), "cli.yaml")
+    js = subprocess.run([CAG_NODE, "studies", "--json", "--config", str(cfg_path)], capture_output=True,
+                        text=True, timeout=60)
+    row = next(r for r in json.loads(js.stdout) if r["study_uid"] == ds.StudyInstanceUID)
+    assert row["ups"] == [{"sop_instance_uid": str(found[0].SOPInstanceUID), "state": "CANCELED",
+                           "performer": "node", "created_by": "CAGNODE"}]
