@@ -43,7 +43,7 @@ import logging
 import queue
 import threading
 from datetime import datetime, timedelta, timezone
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import sqlalchemy as sa
 from pydicom.dataset import Dataset
@@ -433,7 +433,3 @@ class MPPSForwarder:
         finally:
             if assoc.is_established:
                 assoc.release()
-
-
-def forwarded_classes() -> Iterable[str]:
-    return (MPPS_CLASS,)

@@ -39,7 +39,6 @@ N-GET / C-FIND tell it the state (the standard's answer as well).
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 import queue
 import threading
@@ -722,7 +721,3 @@ def outputs_in(results_dir: Path) -> list[dict]:
         if kind not in newest or p.stat().st_mtime > newest[kind].stat().st_mtime:
             newest[kind] = p
     return outputs_of(newest[k] for k in sorted(newest))
-
-
-def status_json(ds: Dataset) -> str:  # pragma: no cover - debugging aid
-    return json.dumps(ds.to_json_dict())

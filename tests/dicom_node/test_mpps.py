@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from datetime import timedelta
 
 import pytest
 from pydicom.uid import generate_uid
@@ -71,8 +72,8 @@ def test_mpps_completed_processes_at_last_instance_despite_quiet_600(make_node, 
     assert node.mpps.get(mpps_uid)["completion"] == "triggered"
     assert [j.state for j in node.journal.jobs(study)] == ["done"]
     # The quiet-period timer that fires later finds the job: nothing processed twice.
-    assert node.journal.complete_study(study, 600, now=node.journal.get_study(study).last_received
-                                       + __import__("datetime").timedelta(seconds=601)) is False
+    later = node.journal.get_study(study).last_received + timedelta(seconds=601)
+    assert node.journal.complete_study(study, 600, now=later) is False
 
 
 def test_mpps_completed_after_all_instances_processes_at_once(make_node, tmp_path):
