@@ -10,11 +10,14 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# helper modules shared by several test folders (nodewait) import by name, as each folder's own
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 REAL_XA = Path(os.environ.get("CAG_REAL_XA", ROOT.parent / "shared" / "data" / "real-xa"))
 
 # Nothing in the suite may reach a model hub.

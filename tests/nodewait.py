@@ -1,7 +1,7 @@
 """Waiting for a study to reach a journal state, for tests that run a Node in-process (e2e, web).
 
-The root ``tests/`` folder is on ``sys.path`` (pytest's prepend import mode, via the root
-conftest), so ``from nodewait import wait_state`` works from any test folder."""
+The root conftest puts ``tests/`` on ``sys.path`` (as each folder's conftest does for its own
+helpers), so ``from nodewait import wait_state`` works from any test folder."""
 
 from __future__ import annotations
 
