@@ -416,16 +416,20 @@ class Journal:
             st.updated_at = utcnow()
         log.info("study %s -> %s%s", study_uid, state, f" ({stage})" if stage else "")
 
-    def advance_stage(self, study_uid: str, stage: str) -> bool:
+    def advance_stage(self, study_uid: str, stage: str, first: bool = True) -> bool:
         """Move a study being processed to ``stage`` (state ``processing``).
 
-        Only from ``waiting``/``processing``: a study that a late instance has
-        reopened (``receiving``) is left alone and False is returned, so the
-        running pipeline stops instead of overwriting the new state.
+        The ``first`` stage of a job starts from ``waiting`` (or ``processing``, a
+        job re-queued after a crash); every later stage only from ``processing``.
+        A study that a late instance has reopened (``receiving``), and perhaps
+        already completed again (``waiting``, a new job queued), is left alone and
+        False is returned, so the running pipeline stops instead of publishing
+        results of half the study before the new job runs.
         """
+        states = ("waiting", "processing") if first else ("processing",)
         with self.sessionmaker.begin() as s:
             res = s.execute(sa.update(Study).where(Study.study_uid == study_uid,
-                                                   Study.state.in_(("waiting", "processing")))
+                                                   Study.state.in_(states))
                             .values(state="processing", stage=stage, error=None, updated_at=utcnow()))
             return res.rowcount == 1
 

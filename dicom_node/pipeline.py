@@ -288,9 +288,12 @@ def process_study(node, study_uid: str) -> dict:
     t_all = time.monotonic()
     written: list = []
 
+    started = []
+
     def stage(name: str) -> None:
-        if not journal.advance_stage(study_uid, name):
+        if not journal.advance_stage(study_uid, name, first=not started):
             raise StaleStudy(study_uid)
+        started.append(name)
 
     try:
         stage("frames")

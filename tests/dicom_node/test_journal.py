@@ -75,6 +75,27 @@ def test_completion_reopen_and_jobs(journal):
     assert [j.state for j in journal.jobs("1.2.3")] == ["cancelled", "queued"]
 
 
+def test_a_reopened_and_recompleted_study_stops_the_running_job(journal):
+    """Reopened by a late run and complete again (a new job queued) while the first job still
+    runs: the first job's next stage is refused, so it cannot publish results of half the study
+    (and then make the new job's stages fail on a 'reported' study)."""
+    t0 = utcnow()
+    rec(journal, received_at=t0)
+    assert journal.complete_study("1.2.3", 0, now=t0 + timedelta(seconds=1)) is True
+    job = journal.claim_job()
+    assert journal.advance_stage("1.2.3", "frames", first=True)
+    assert journal.advance_stage("1.2.3", "selector", first=False)
+    rec(journal, sop="1.2.3.1.9")  # late run: receiving
+    assert not journal.advance_stage("1.2.3", "vlm", first=False)
+    assert journal.complete_study("1.2.3", 0) is True  # complete again: waiting, a new job
+    assert journal.get_study("1.2.3").state == "waiting"
+    assert not journal.advance_stage("1.2.3", "vlm", first=False)  # the old job stays stopped
+    assert not journal.publish_results("1.2.3")
+    new = journal.claim_job()
+    assert new is not None and new.id != job.id
+    assert journal.advance_stage("1.2.3", "frames", first=True)  # the new job runs
+
+
 def test_claim_is_exclusive_across_threads(journal):
     for i in range(20):
         journal.enqueue_job(f"1.2.{i}")
