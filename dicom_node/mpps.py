@@ -40,9 +40,8 @@ on failure, not journaled: the modality's MPPS is the source of truth).
 from __future__ import annotations
 
 import logging
-import queue
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Callable, Optional
 
 import sqlalchemy as sa
@@ -50,6 +49,8 @@ from pydicom.dataset import Dataset
 from sqlalchemy.orm import Mapped, mapped_column
 
 from dicom_node.db import Base
+from dicom_node.journal import _aware, utcnow
+from dicom_node.scu import QueuedSender, association, dimse_status
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +72,6 @@ ST_PROCESSING_FAILURE = 0x0110
 ST_DUPLICATE = 0x0111
 ST_NO_SUCH_INSTANCE = 0x0112
 ST_MISSING_VALUE = 0x0121
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _aware(t: Optional[datetime]) -> Optional[datetime]:
-    if t is None:
-        return None
-    return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)
 
 
 class MPPSRow(Base):
@@ -384,52 +375,32 @@ class MPPSService:
                     "completion": r.completion, "note": r.note, "expected": list(r.expected or [])}
 
 
-class MPPSForwarder:
+class MPPSForwarder(QueuedSender):
     """Re-sends MPPS N-CREATE/N-SET to one destination, in order, from one thread (best effort)."""
 
     def __init__(self, config, destination):
         self.config = config
         self.dest = destination
-        self._q: "queue.Queue[Optional[tuple]]" = queue.Queue()
-        self._t = threading.Thread(target=self._loop, name="mpps-forward", daemon=True)
-        self._t.start()
+        super().__init__("mpps-forward")
 
     def __call__(self, op: str, uid: str, ds: Dataset) -> None:
-        self._q.put((op, uid, ds))
+        self._put((op, uid, ds))
 
-    def stop(self) -> None:
-        self._q.put(None)
-        self._t.join(5)
-
-    def _loop(self) -> None:
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
-            op, uid, ds = item
-            try:
-                self._send(op, uid, ds)
-            except Exception as exc:
-                log.warning("forwarding MPPS %s (%s) to %s failed: %s", uid, op, self.dest.name, exc)
+    def _deliver(self, item: tuple) -> None:
+        op, uid, ds = item
+        try:
+            self._send(op, uid, ds)
+        except Exception as exc:
+            log.warning("forwarding MPPS %s (%s) to %s failed: %s", uid, op, self.dest.name, exc)
 
     def _send(self, op: str, uid: str, ds: Dataset) -> None:
-        from pynetdicom import AE
-
         d = self.dest
-        ae = AE(ae_title=d.calling_ae_title or self.config.node.ae_title)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-        ae.add_requested_context(MPPS_CLASS)
-        assoc = ae.associate(d.host, d.port, ae_title=d.ae_title)
-        if not assoc.is_established:
-            raise ConnectionError("association not established")
-        try:
+        with association(d.calling_ae_title or self.config.node.ae_title, d.host, d.port, d.ae_title,
+                         MPPS_CLASS, 10) as assoc:
             if op == "create":
                 st, _ = assoc.send_n_create(ds, MPPS_CLASS, uid)
             else:
                 st, _ = assoc.send_n_set(ds, MPPS_CLASS, uid)
-            status = int(st.Status) if st is not None and "Status" in st else None
+            status = dimse_status(st)
             if status != 0:
                 raise RuntimeError(f"status {status if status is None else hex(status)}")
-        finally:
-            if assoc.is_established:
-                assoc.release()

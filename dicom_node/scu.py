@@ -21,8 +21,11 @@ peer, ``cert``/``key`` present a client certificate.
 from __future__ import annotations
 
 import logging
+import queue
 import ssl
+import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -88,6 +91,56 @@ def ssl_context(tls, resolve=lambda p: Path(p)) -> ssl.SSLContext:
     if tls.cert and tls.key:
         ctx.load_cert_chain(str(resolve(tls.cert)), str(resolve(tls.key)))
     return ctx
+
+
+def dimse_status(st) -> Optional[int]:
+    """The Status of a DIMSE response dataset, None when there was no (usable) answer."""
+    return int(st.Status) if st is not None and "Status" in st else None
+
+
+@contextmanager
+def association(calling_ae: str, host: str, port: int, called_ae: str, sop_class: str, timeout: float):
+    """One association proposing one SOP class (the MPPS forwarder, UPS event reports);
+    ConnectionError when it is not established; released on the way out."""
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(sop_class)
+    assoc = ae.associate(host, port, ae_title=called_ae)
+    if not assoc.is_established:
+        raise ConnectionError("association not established")
+    try:
+        yield assoc
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+class QueuedSender:
+    """Items delivered in order by one daemon thread, so that a DIMSE handler only queues
+    (it must return fast); a subclass defines ``_deliver(item)``, which may raise nothing it
+    wants the thread to survive.  Call ``super().__init__`` last: it starts the thread."""
+
+    def __init__(self, name: str):
+        self._q: "queue.Queue[Optional[tuple]]" = queue.Queue()
+        self._t = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._t.start()
+
+    def _put(self, item: tuple) -> None:
+        self._q.put(item)
+
+    def stop(self) -> None:
+        self._q.put(None)
+        self._t.join(5)
+
+    def _loop(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            self._deliver(item)
+
+    def _deliver(self, item: tuple) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
 
 
 def _file_info(path: Path) -> tuple[str, str]:

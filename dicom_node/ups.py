@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import queue
 import threading
 import time
 from datetime import datetime, timezone
@@ -55,6 +54,8 @@ from pydicom.uid import generate_uid
 from sqlalchemy.orm import Mapped, mapped_column
 
 from dicom_node.db import Base
+from dicom_node.journal import utcnow
+from dicom_node.scu import QueuedSender, association, dimse_status
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +96,6 @@ ST_ALREADY_COMPLETED = 0xC311
 ST_UNABLE_TO_PROCESS = 0xC000
 
 NODE = "node"  # owner of work items the node performs itself
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def _dt(t: datetime) -> str:
@@ -173,62 +170,42 @@ def _check_final(ds: Dataset, state: str) -> None:
         raise UPSError(ST_FINAL_REQUIREMENTS, "no Performed Procedure Step Start/End DateTime")
 
 
-class EventSender:
+class EventSender(QueuedSender):
     """N-EVENT-REPORTs to subscribers, each on its own association, from one thread, in order."""
 
     def __init__(self, config):
         self.config = config
         self.targets = {s.ae_title: s for s in config.ups.subscribers}
-        self._q: "queue.Queue[Optional[tuple]]" = queue.Queue()
-        self._t = threading.Thread(target=self._loop, name="ups-events", daemon=True)
-        self._t.start()
         self.sent = 0
+        super().__init__("ups-events")
 
     def send(self, ae_titles: Iterable[str], ups_uid: str, event_type: int, info: Dataset) -> None:
         for ae in ae_titles:
-            self._q.put((ae, ups_uid, event_type, info))
+            self._put((ae, ups_uid, event_type, info))
 
-    def stop(self) -> None:
-        self._q.put(None)
-        self._t.join(5)
-
-    def _loop(self) -> None:
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
-            ae, ups_uid, event_type, info = item
-            for attempt in range(3):
-                try:
-                    self._send(ae, ups_uid, event_type, info)
-                    self.sent += 1
-                    break
-                except Exception as exc:
-                    if attempt == 2:
-                        log.warning("UPS event %d for %s to %s not delivered: %s", event_type, ups_uid, ae, exc)
-                    else:
-                        time.sleep(0.5 * (attempt + 1))
+    def _deliver(self, item: tuple) -> None:
+        ae, ups_uid, event_type, info = item
+        for attempt in range(3):
+            try:
+                self._send(ae, ups_uid, event_type, info)
+                self.sent += 1
+                break
+            except Exception as exc:
+                if attempt == 2:
+                    log.warning("UPS event %d for %s to %s not delivered: %s", event_type, ups_uid, ae, exc)
+                else:
+                    time.sleep(0.5 * (attempt + 1))
 
     def _send(self, ae_title: str, ups_uid: str, event_type: int, info: Dataset) -> None:
-        from pynetdicom import AE
-
         t = self.targets.get(ae_title)
         if t is None:
             raise LookupError("no host/port configured (ups.subscribers)")
-        ae = AE(ae_title=self.config.node.ae_title)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.config.ups.event_timeout_s
-        ae.add_requested_context(UPS_EVENT)
-        assoc = ae.associate(t.host, t.port, ae_title=ae_title)
-        if not assoc.is_established:
-            raise ConnectionError("association not established")
-        try:
+        with association(self.config.node.ae_title, t.host, t.port, ae_title, UPS_EVENT,
+                         self.config.ups.event_timeout_s) as assoc:
             st, _ = assoc.send_n_event_report(info, event_type, UPS_EVENT, ups_uid)
-            status = int(st.Status) if st is not None and "Status" in st else None
+            status = dimse_status(st)
             if status is None or status >= 0xA000:
                 raise RuntimeError(f"status {status if status is None else hex(status)}")
-        finally:
-            if assoc.is_established:
-                assoc.release()
 
 
 class UPSService:
