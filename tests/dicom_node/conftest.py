@@ -192,6 +192,34 @@ class NodeProcess:
 
 
 @pytest.fixture
+def make_node(tmp_path):
+    nodes = []
+
+    def _make(process_fn=None, **over):
+        from dicom_node.config import parse_config
+        from dicom_node.node import Node
+
+        cfg = parse_config(node_config(tmp_path, **over), base_dir=tmp_path)
+        n = Node(cfg, process_fn=process_fn).start()
+        nodes.append(n)
+        return n
+
+    yield _make
+    for n in nodes:
+        n.stop(grace_s=2)
+
+
+def wait_for(pred, timeout=10.0, step=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(step)
+    return pred()
+
+
+@pytest.fixture
 def node_proc(tmp_path):
     """Factory: ``node_proc(cfg_dict)`` starts a serve subprocess; all are stopped at teardown."""
     procs: list[NodeProcess] = []

@@ -6,36 +6,9 @@ import time
 
 import pytest
 
-from dicom_node.config import parse_config
 from dicom_node.journal import Journal
-from dicom_node.node import Node
-from tests.dicom_node.conftest import (NodeProcess, make_dataset, node_config, pyscu_send,
+from tests.dicom_node.conftest import (NodeProcess, make_dataset, node_config, pyscu_send, wait_for,
                                        write_config, write_dataset)
-
-
-def wait_for(pred, timeout=10.0, step=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    return pred()
-
-
-@pytest.fixture
-def make_node(tmp_path):
-    nodes = []
-
-    def _make(process_fn=None, **over) -> Node:
-        cfg = parse_config(node_config(tmp_path, **over), base_dir=tmp_path)
-        n = Node(cfg, process_fn=process_fn).start()
-        nodes.append(n)
-        return n
-
-    yield _make
-    for n in nodes:
-        n.stop(grace_s=2)
 
 
 def test_quiet_period_completes_study_and_queues_job(make_node, tmp_path):

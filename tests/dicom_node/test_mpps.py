@@ -8,29 +8,11 @@ import subprocess
 import time
 from datetime import timedelta
 
-import pytest
 from pydicom.uid import generate_uid
 
-from dicom_node.config import parse_config
-from dicom_node.node import Node
 from tests.dicom_node.conftest import CAG_NODE, XA_CLASS, make_dataset, node_config, pyscu_send, write_config, \
     write_dataset
 from tests.dicom_node.wfhelp import MPPS, SCU, RecordingNSCP, mpps_create_ds, mpps_set_ds, wait_for
-
-
-@pytest.fixture
-def make_node(tmp_path):
-    nodes = []
-
-    def _make(process_fn=None, **over) -> Node:
-        cfg = parse_config(node_config(tmp_path, **over), base_dir=tmp_path)
-        n = Node(cfg, process_fn=process_fn).start()
-        nodes.append(n)
-        return n
-
-    yield _make
-    for n in nodes:
-        n.stop(grace_s=2)
 
 
 def _recorder():

@@ -9,8 +9,6 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from dicom_node.config import parse_config
-from dicom_node.node import Node
 from tests.dicom_node.conftest import make_dataset, node_config, pyscu_send, write_dataset
 from tests.dicom_node.wfhelp import SCU, UPS_PULL, UPS_PUSH, UPS_WATCH, RecordingNSCP, wait_for
 
@@ -22,21 +20,6 @@ def watcher():
     w = RecordingNSCP("WATCHER")
     yield w
     w.stop()
-
-
-@pytest.fixture
-def make_node(tmp_path):
-    nodes = []
-
-    def _make(process_fn=None, **over) -> Node:
-        cfg = parse_config(node_config(tmp_path, **over), base_dir=tmp_path)
-        n = Node(cfg, process_fn=process_fn).start()
-        nodes.append(n)
-        return n
-
-    yield _make
-    for n in nodes:
-        n.stop(grace_s=2)
 
 
 def work_item(study_uid: str, label: str = "CAG AI report") -> Dataset:

@@ -3,27 +3,18 @@
 from __future__ import annotations
 
 import threading
-import time
-from typing import Optional
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
+
+from dicom_node.scu import dimse_status
+from tests.dicom_node.conftest import wait_for  # noqa: F401  (the workflow tests import it from here)
 
 MPPS = "1.2.840.10008.3.1.2.3.3"
 UPS_PUSH = "1.2.840.10008.5.1.4.34.6.1"
 UPS_WATCH = "1.2.840.10008.5.1.4.34.6.2"
 UPS_PULL = "1.2.840.10008.5.1.4.34.6.3"
 UPS_EVENT = "1.2.840.10008.5.1.4.34.6.4"
-
-
-def wait_for(pred, timeout=10.0, step=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    return pred()
 
 
 class SCU:
@@ -44,25 +35,21 @@ class SCU:
         if self.assoc.is_established:
             self.assoc.release()
 
-    @staticmethod
-    def _st(st) -> Optional[int]:
-        return int(st.Status) if st is not None and "Status" in st else None
-
     def n_create(self, ds, cls, uid):
         st, attrs = self.assoc.send_n_create(ds, cls, uid)
-        return self._st(st), attrs
+        return dimse_status(st), attrs
 
     def n_set(self, ds, cls, uid):
         st, attrs = self.assoc.send_n_set(ds, cls, uid)
-        return self._st(st), attrs
+        return dimse_status(st), attrs
 
     def n_action(self, ds, action, cls, uid):
         st, reply = self.assoc.send_n_action(ds, action, cls, uid)
-        return self._st(st), reply
+        return dimse_status(st), reply
 
     def n_get(self, tags, cls, uid):
         st, ds = self.assoc.send_n_get(tags, cls, uid)
-        return self._st(st), ds
+        return dimse_status(st), ds
 
     def c_find(self, query, cls=UPS_PULL):
         out = []
