@@ -544,12 +544,8 @@ class UPSService:
             item.PerformedProcedureStepEndDateTime = _dt(utcnow())
             item.OutputInformationSequence = [_output_item(o, self.config.node.ae_title) for o in outputs]
             m.UnifiedProcedureStepPerformedProcedureSequence = [item]
-            try:
-                self.set(u, m, NODE)
-                self.change_state(u, COMPLETED, st["transaction_uid"], NODE)
+            if self._close(u, m, COMPLETED, st["transaction_uid"]):
                 done.append(u)
-            except UPSError as exc:
-                log.warning("UPS %s not completed: %s", u, exc.comment)
         return done
 
     def cancel_study(self, study_uid: str, reason: str) -> list[str]:
@@ -559,13 +555,19 @@ class UPSService:
             m = Dataset()
             m.TransactionUID = st["transaction_uid"]
             m.ReasonForCancellation = reason[:1024]
-            try:
-                self.set(u, m, NODE)
-                self.change_state(u, CANCELED, st["transaction_uid"], NODE)
+            if self._close(u, m, CANCELED, st["transaction_uid"]):
                 done.append(u)
-            except UPSError as exc:
-                log.warning("UPS %s not canceled: %s", u, exc.comment)
         return done
+
+    def _close(self, u: str, mods: Dataset, state: str, txn: str) -> bool:
+        """Set the node's final attributes on its work item, then move it to ``state``."""
+        try:
+            self.set(u, mods, NODE)
+            self.change_state(u, state, txn, NODE)
+            return True
+        except UPSError as exc:
+            log.warning("UPS %s not %s: %s", u, "completed" if state == COMPLETED else "canceled", exc.comment)
+            return False
 
     def _node_items(self, study_uid: str) -> list[str]:
         with self.sessionmaker() as s:
