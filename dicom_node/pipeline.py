@@ -288,12 +288,13 @@ def process_study(node, study_uid: str) -> dict:
     t_all = time.monotonic()
     written: list = []
 
-    started = []
+    first = True
 
     def stage(name: str) -> None:
-        if not journal.advance_stage(study_uid, name, first=not started):
+        nonlocal first
+        if not journal.advance_stage(study_uid, name, first=first):
             raise StaleStudy(study_uid)
-        started.append(name)
+        first = False
 
     try:
         stage("frames")
