@@ -52,7 +52,9 @@ def test_mpps_completed_processes_at_last_instance_despite_quiet_600(make_node, 
     assert wait_for(lambda: calls, timeout=5), "not processed after the last listed instance"
     assert calls[0][0] == study and calls[0][1] - t_last < 3.0
     assert node.mpps.get(mpps_uid)["completion"] == "triggered"
-    assert [j.state for j in node.journal.jobs(study)] == ["done"]
+    # the recorder sees the call when processing starts; the job is 'done' once it returns
+    assert wait_for(lambda: [j.state for j in node.journal.jobs(study)] == ["done"], timeout=5), \
+        [j.state for j in node.journal.jobs(study)]
     # The quiet-period timer that fires later finds the job: nothing processed twice.
     later = node.journal.get_study(study).last_received + timedelta(seconds=601)
     assert node.journal.complete_study(study, 600, now=later) is False
