@@ -475,3 +475,47 @@ def test_cli_synth_new_options(tmp_path):
     assert [(r["compression"], r["jpeg_quality"], r["domain"]) for r in recs] == [("jpeg", 80, "narrow")] * 2
     assert main(["synth", str(tmp_path / "p"), "--studies", "1", "--compression", "jpeg", "--bits", "12",
                  "--no-progress"]) == 2
+
+
+# ----------------------------------------------------------------------------- view spread
+
+
+def _views(n, views):
+    out = []
+    for i in range(n):
+        st = generate_study(11, i, size=32, frames=4, with_pixels=False, views=views)
+        out.append((st, [(r["run"]["side"], r["run"]["primary"], r["run"]["secondary"]) for r in st["runs"]]))
+    return out
+
+
+def test_broad_views_share_projections_between_sides_and_change_nothing_else():
+    typical, broad = _views(40, "typical"), _views(40, "broad")
+    # typical: a right coronary is never filmed caudal (its views are straight or cranial)
+    assert min(s for _, v in typical for side, _, s in v if side == "RCA") > -15
+    # broad: some right coronaries get the left's caudal views, and the angles stay in range
+    rca_broad = [(p, s) for _, v in broad for side, p, s in v if side == "RCA"]
+    assert any(s < -15 for _, s in rca_broad)
+    assert all(-60 <= p <= 70 and -40 <= s <= 45 for _, v in broad for _, p, s in v)
+    for (st_t, v_t), (st_b, v_b) in zip(typical, broad):  # same patient, disease, runs, report
+        assert [x[0] for x in v_t] == [x[0] for x in v_b]
+        assert st_t["study"]["findings"] == st_b["study"]["findings"]
+        assert st_t["study"]["anatomy"] == st_b["study"]["anatomy"]
+        assert st_b["study"]["views"] == "broad" and "views" not in st_t["study"]
+    assert sum(vt != vb for (_, vt), (_, vb) in zip(typical, broad)) >= 35
+    with pytest.raises(ValueError):
+        generate_study(11, 0, size=32, frames=4, with_pixels=False, views="all")
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) not on PATH")
+def test_cli_synth_broad_views_dciodvfy_clean(tmp_path):
+    from dicom_node.cli import main
+
+    assert main(["synth", str(tmp_path / "o"), "--studies", "1", "--seed", "5", "--size", "64", "--frames", "4",
+                 "--runs-per-study", "3", "--domain", "narrow", "--views", "broad", "--no-progress"]) == 0
+    recs = [json.loads(x) for x in (tmp_path / "o" / "labels.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(recs) == 3
+    for r in recs:
+        ds = pydicom.dcmread(tmp_path / "o" / r["file"], stop_before_pixels=True)
+        assert ds.SeriesDescription == f"{r['laterality']} {r['view']}"
+        errors, text = _dciodvfy_errors(tmp_path / "o" / r["file"])
+        assert not errors, text

@@ -17,7 +17,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from .anatomy import sample_anatomy
+from .anatomy import child_rng, sample_anatomy
 from .dicom_writer import COMPRESSIONS, det_uid, write_xa
 from .lesions import sample_lesions
 from .projection import CArm
@@ -27,6 +27,10 @@ from .reports import make_report, treatment
 _BASE_DATE = np.datetime64("2025-01-06")
 
 
+#: ``views`` of :func:`generate_study`
+VIEW_SPREADS = ("typical", "broad")
+
+
 def _pick_views(rng, views, k):
     w = np.array([v[2] for v in views], float)
     idx = rng.choice(len(views), size=min(k, len(views)), replace=False, p=w / w.sum())
@@ -34,6 +38,26 @@ def _pick_views(rng, views, k):
     for i in idx:
         p, s, _ = views[int(i)]
         out.append((p + rng.normal(0, 5), s + rng.normal(0, 4)))
+    return out
+
+
+def _broaden_views(rng, picked: list) -> list:
+    """``views="broad"``: each run's projection, with probability 1/2, is replaced by a view drawn
+    from both sides' typical views (plus AP, RAO 45, LAO 60), and every angle is jittered more
+    (sd 10 / 8 degrees instead of 5 / 4).
+
+    Why: real diagnostic runs are filmed at a continuum of angles (the 114 real right
+    coronaries of docs/sim-to-real.md go from RAO 36 to LAO 47, caudal 17 to cranial 32), while
+    the typical view lists differ per side, so a model trained on them can take the projection of
+    the chest and heart for the side; 2/3 of real RAO right coronaries were called left.  With
+    the sides sharing views, only the vessel tree tells them apart.  ``rng`` is a child generator:
+    the study's other draws are unchanged."""
+    pool = [(p, s) for p, s, _ in LCA_VIEWS + RCA_VIEWS] + [(0.0, 0.0), (-45.0, 0.0), (60.0, 0.0)]
+    out = []
+    for p, s in picked:
+        if rng.random() < 0.5:
+            p, s = pool[int(rng.integers(len(pool)))]
+        out.append((float(np.clip(p + rng.normal(0, 10), -60, 70)), float(np.clip(s + rng.normal(0, 8), -40, 45))))
     return out
 
 
@@ -55,6 +79,7 @@ def generate_study(
     bits: int = 8,
     domain: str = "wide",
     targets: int = 0,
+    views: str = "typical",
 ) -> dict:
     """One synthetic study in memory.
 
@@ -68,7 +93,12 @@ def generate_study(
     ``targets``: per-pixel targets (vessel mask, AHA segment map, projected lesions) for up
     to that many key frames per run (:func:`targets.key_frames`), in ``run["targets"]`` (a
     list of :class:`targets.FrameTargets`); 0 = off (the default), and off without pixels.
-    They draw nothing from the generators: the frames are the same either way."""
+    They draw nothing from the generators: the frames are the same either way.
+    ``views``: "typical" (default: each side's usual projections, jittered 5/4 degrees) or
+    "broad" (the sides share projections, wider jitter: :func:`_broaden_views`)."""
+    if views not in VIEW_SPREADS:
+        raise ValueError(f"views must be one of {VIEW_SPREADS}, not {views!r}")
+    spread = views
     if isinstance(seed, np.random.Generator):
         seed = int(seed.integers(2**31))
     rng = np.random.default_rng([int(seed), int(index)])
@@ -81,6 +111,9 @@ def generate_study(
         "LCA": _pick_views(rng, LCA_VIEWS, sides.count("LCA")),
         "RCA": _pick_views(rng, RCA_VIEWS, sides.count("RCA")),
     }
+    if spread == "broad":
+        vrng = child_rng(rng)
+        views = {side: _broaden_views(vrng, v) for side, v in views.items()}
     age = int(rng.integers(45, 86))
     sex = "M" if rng.random() < 0.7 else "F"
     date = _BASE_DATE + np.timedelta64(int(index % 3000), "D")
@@ -110,6 +143,8 @@ def generate_study(
         "domain": domain,
         "anatomy": json_params(anatomy),
     }
+    if spread != "typical":
+        study["views"] = spread
     runs = []
     counters = {"LCA": 0, "RCA": 0}
     for r, side in enumerate(sides):
