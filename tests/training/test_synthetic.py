@@ -480,10 +480,10 @@ def test_cli_synth_new_options(tmp_path):
 # ----------------------------------------------------------------------------- view spread
 
 
-def _views(n, views):
+def _views(n, geometry):
     out = []
     for i in range(n):
-        st = generate_study(11, i, size=32, frames=4, with_pixels=False, views=views)
+        st = generate_study(11, i, size=32, frames=4, with_pixels=False, geometry=geometry)
         out.append((st, [(r["run"]["side"], r["run"]["primary"], r["run"]["secondary"]) for r in st["runs"]]))
     return out
 
@@ -499,19 +499,21 @@ def test_broad_views_share_projections_between_sides_and_change_nothing_else():
     for (st_t, v_t), (st_b, v_b) in zip(typical, broad):  # same patient, disease, runs, report
         assert [x[0] for x in v_t] == [x[0] for x in v_b]
         assert st_t["study"]["findings"] == st_b["study"]["findings"]
-        assert st_t["study"]["anatomy"] == st_b["study"]["anatomy"]
-        assert st_b["study"]["views"] == "broad" and "views" not in st_t["study"]
+        a_t, a_b = dict(st_t["study"]["anatomy"]), dict(st_b["study"]["anatomy"])
+        assert -25 <= a_b.pop("heart_tilt") <= 12 and -10 <= a_b.pop("heart_turn") <= 10
+        assert a_t == a_b
+        assert st_b["study"]["geometry"] == "broad" and "geometry" not in st_t["study"]
     assert sum(vt != vb for (_, vt), (_, vb) in zip(typical, broad)) >= 35
     with pytest.raises(ValueError):
-        generate_study(11, 0, size=32, frames=4, with_pixels=False, views="all")
+        generate_study(11, 0, size=32, frames=4, with_pixels=False, geometry="all")
 
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) not on PATH")
-def test_cli_synth_broad_views_dciodvfy_clean(tmp_path):
+def test_cli_synth_broad_geometry_dciodvfy_clean(tmp_path):
     from dicom_node.cli import main
 
     assert main(["synth", str(tmp_path / "o"), "--studies", "1", "--seed", "5", "--size", "64", "--frames", "4",
-                 "--runs-per-study", "3", "--domain", "narrow", "--views", "broad", "--no-progress"]) == 0
+                 "--runs-per-study", "3", "--domain", "narrow", "--geometry", "broad", "--no-progress"]) == 0
     recs = [json.loads(x) for x in (tmp_path / "o" / "labels.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(recs) == 3
     for r in recs:
@@ -519,3 +521,24 @@ def test_cli_synth_broad_views_dciodvfy_clean(tmp_path):
         assert ds.SeriesDescription == f"{r['laterality']} {r['view']}"
         errors, text = _dciodvfy_errors(tmp_path / "o" / r["file"])
         assert not errors, text
+
+
+def test_tilted_heart_moves_rigidly_and_steepens_the_rao_right_coronary():
+    from training.synthetic.anatomy import tilt_heart
+    from training.synthetic.projection import CArm
+
+    def chord_angle(an):  # ostium -> end of the RCA main branch in RAO 30, degrees from horizontal
+        c, r, _ = CArm(-30, 0, size=512, fov_mm=156, sid=1194, sod=810).project(an.heart.to_patient(an.rca.branches[0].pts))
+        return np.degrees(np.arctan2(r[-1] - r[0], abs(c[-1] - c[0])))
+
+    an = sample_anatomy(np.random.default_rng(3), domain="narrow")
+    before = an.heart.to_patient(an.rca.branches[0].pts)
+    a0 = chord_angle(an)
+    tilt_heart(an.heart, -25.0, 0.0)
+    after = an.heart.to_patient(an.rca.branches[0].pts)
+    # rigid: distances along the vessel unchanged, the basis still orthonormal
+    assert np.allclose(np.linalg.norm(np.diff(before, axis=0), axis=1), np.linalg.norm(np.diff(after, axis=0), axis=1))
+    assert np.allclose(an.heart.basis @ an.heart.basis.T, np.eye(3), atol=1e-9)
+    assert chord_angle(an) > a0 + 5
+    with pytest.raises(ValueError):
+        sample_anatomy(np.random.default_rng(3), pose="sideways")

@@ -45,9 +45,10 @@ def register_synth(sub) -> None:
     p.add_argument("--domain", choices=["wide", "narrow"], default="wide",
                    help="wide (default): domain randomisation (contrast, calibre, tortuosity, background, "
                    "hardware, partial injections, aim/zoom); narrow: the original generator")
-    p.add_argument("--views", choices=["typical", "broad"], default="typical",
-                   help="typical (default): each side's usual projections; broad: the sides share projections "
-                   "and angles vary more, so only the vessel tree tells the side (docs/sim-to-real.md)")
+    p.add_argument("--geometry", choices=["typical", "broad"], default="typical",
+                   help="typical (default): each side's usual projections and a heart axis fixed within a few "
+                   "degrees; broad: the sides share projections, angles vary more and the heart is tilted "
+                   "and turned (docs/sim-to-real.md)")
     p.add_argument("--bits", type=int, choices=[8, 10, 12], default=8,
                    help="bits stored: 8 (default) or 10/12 in 16-bit words")
     p.add_argument("--targets", type=int, default=0, metavar="N",
@@ -89,7 +90,7 @@ def _run(args) -> int:
         compression=args.compression,
         jpeg_quality=args.jpeg_quality,
         domain=args.domain,
-        views=args.views,
+        geometry=args.geometry,
         bits=args.bits,
         targets=args.targets,
         workers=args.workers,

@@ -27,8 +27,8 @@ from .reports import make_report, treatment
 _BASE_DATE = np.datetime64("2025-01-06")
 
 
-#: ``views`` of :func:`generate_study`
-VIEW_SPREADS = ("typical", "broad")
+#: ``geometry`` of :func:`generate_study`
+GEOMETRIES = ("typical", "broad")
 
 
 def _pick_views(rng, views, k):
@@ -42,7 +42,7 @@ def _pick_views(rng, views, k):
 
 
 def _broaden_views(rng, picked: list) -> list:
-    """``views="broad"``: each run's projection, with probability 1/2, is replaced by a view drawn
+    """``geometry="broad"``: each run's projection, with probability 1/2, is replaced by a view drawn
     from both sides' typical views (plus AP, RAO 45, LAO 60), and every angle is jittered more
     (sd 10 / 8 degrees instead of 5 / 4).
 
@@ -79,7 +79,7 @@ def generate_study(
     bits: int = 8,
     domain: str = "wide",
     targets: int = 0,
-    views: str = "typical",
+    geometry: str = "typical",
 ) -> dict:
     """One synthetic study in memory.
 
@@ -94,15 +94,17 @@ def generate_study(
     to that many key frames per run (:func:`targets.key_frames`), in ``run["targets"]`` (a
     list of :class:`targets.FrameTargets`); 0 = off (the default), and off without pixels.
     They draw nothing from the generators: the frames are the same either way.
-    ``views``: "typical" (default: each side's usual projections, jittered 5/4 degrees) or
-    "broad" (the sides share projections, wider jitter: :func:`_broaden_views`)."""
-    if views not in VIEW_SPREADS:
-        raise ValueError(f"views must be one of {VIEW_SPREADS}, not {views!r}")
-    spread = views
+    ``geometry``: "typical" (default: each side's usual projections, jittered 5/4 degrees, and
+    the heart's axis within a few degrees) or "broad" (the sides share projections with wider
+    jitter, :func:`_broaden_views`, and the heart is tilted and turned,
+    :func:`anatomy.sample_anatomy` ``pose="broad"``)."""
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"geometry must be one of {GEOMETRIES}, not {geometry!r}")
+    spread = geometry
     if isinstance(seed, np.random.Generator):
         seed = int(seed.integers(2**31))
     rng = np.random.default_rng([int(seed), int(index)])
-    anatomy = sample_anatomy(rng, domain=domain)
+    anatomy = sample_anatomy(rng, domain=domain, pose=geometry)
     lesions = sample_lesions(anatomy, rng, pattern=pattern)
     findings = [l.finding() for l in lesions]
     n_runs = runs_per_study if isinstance(runs_per_study, int) else int(rng.integers(runs_per_study[0], runs_per_study[1] + 1))
@@ -144,7 +146,7 @@ def generate_study(
         "anatomy": json_params(anatomy),
     }
     if spread != "typical":
-        study["views"] = spread
+        study["geometry"] = spread
     runs = []
     counters = {"LCA": 0, "RCA": 0}
     for r, side in enumerate(sides):
