@@ -7,17 +7,13 @@ never reach a model hub.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# helper modules shared by several test folders (nodewait) import by name, as each folder's own
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 REAL_XA = Path(os.environ.get("CAG_REAL_XA", ROOT.parent / "shared" / "data" / "real-xa"))
 
 # Nothing in the suite may reach a model hub.
@@ -48,46 +44,20 @@ def require_tools(*tools: str):
     return pytest.mark.skipif(bool(missing), reason=f"missing tools: {', '.join(missing)}")
 
 
-# One quick demo bundle per test session, shared by e2e and reliability tests.
-def _sources_hash() -> str:
-    """A hash of the code that builds a bundle: a cached bundle is reused only while it is unchanged."""
-    root = ROOT  # the repository (parents[2] pointed above it, so no source was hashed)
-    h = hashlib.sha256()
-    for pkg in ("training", "inference"):
-        for p in sorted((root / pkg).rglob("*.py")):
-            h.update(str(p.relative_to(root)).encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
-
+# One quick demo bundle per test session, shared by e2e, reliability and web tests.
 @pytest.fixture(scope="session")
 def quick_bundle(request, tmp_path_factory) -> Path:
     """A quick demo bundle: ``CAG_TEST_BUNDLE`` if set, else one cached in pytest's cache folder
-    (keyed by the training/inference sources), else built now (minutes on 2 cores)."""
+    (keyed by the training/inference sources: ``cagtest.bundle.sources_hash``), else built now."""
     pre = os.environ.get("CAG_TEST_BUNDLE")
     if pre:
         return Path(pre)
     try:
-        from training.demo import build_demo_bundle
-        from inference.bundle import Bundle, BundleError
+        import training.demo  # noqa: F401
     except ImportError as exc:  # the training module is not there (serving-only install)
         pytest.skip(f"no model bundle: training module unavailable ({exc})")
+    from cagtest.bundle import cached_quick_bundle
+
     cache = getattr(request.config, "cache", None)
-    if cache is not None:
-        root = Path(cache.mkdir("cag-quick-bundle")) / _sources_hash()
-    else:
-        root = tmp_path_factory.mktemp("quick-bundle")
-    bundle = root / "demo"
-    try:
-        Bundle.load(bundle)
-        return bundle
-    except BundleError:
-        pass
-    for old in root.parent.iterdir() if cache is not None else []:
-        if old != root and old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-    build_demo_bundle(bundle, work_dir=root / "work", quick=True)
-    shutil.rmtree(root / "work", ignore_errors=True)
-    return bundle
-
-
+    root = Path(cache.mkdir("cag-quick-bundle")) if cache is not None else tmp_path_factory.mktemp("quick-bundle")
+    return cached_quick_bundle(root)
