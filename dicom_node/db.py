@@ -1,10 +1,10 @@
 """Database plumbing shared by the journal and the outbox.
 
-One SQLAlchemy ``Base`` so that every durable table (studies, series,
-instances, jobs, outbox) lives in one database, addressed by URL: SQLite in WAL
-mode by default, PostgreSQL (``postgresql+psycopg://...``) when several nodes
-share work.  Modules that define tables import ``Base`` from here; ``create_engine``
-sets the SQLite pragmas that make a journal crash-safe.
+Every durable table (studies, series, instances, jobs, outbox, MPPS, UPS) is on the one
+``Base`` of :mod:`dicom_node.tables` and lives in one database, addressed by URL: SQLite in WAL
+mode by default, PostgreSQL (``postgresql+psycopg://...``) when several nodes share work.
+``create_engine`` sets the SQLite pragmas that make a journal crash-safe; ``create_all`` creates
+the tables of the modules imported here (none of them imports this module back).
 """
 
 from __future__ import annotations
@@ -12,11 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import sqlalchemy as sa
-from sqlalchemy.orm import DeclarativeBase, sessionmaker
+from sqlalchemy.orm import sessionmaker
 
-
-class Base(DeclarativeBase):
-    pass
+from dicom_node import mpps, ups  # noqa: F401  (their tables: MPPS and UPS state)
+from dicom_node.tables import Base
 
 
 def create_engine(url: str) -> sa.Engine:
@@ -44,11 +43,5 @@ def make_sessionmaker(engine: sa.Engine) -> sessionmaker:
 
 
 def create_all(engine: sa.Engine) -> None:
-    """Create every table.  Imports the table modules so their classes register."""
-    from dicom_node import journal  # noqa: F401
-    try:
-        from dicom_node import outbox  # noqa: F401
-    except ImportError:  # outbox not present in a minimal build
-        pass
-    from dicom_node import mpps, ups  # noqa: F401  (MPPS and UPS state tables)
+    """Create every table (those of the modules imported above)."""
     Base.metadata.create_all(engine)

@@ -29,6 +29,7 @@ from typing import Optional
 import pydicom
 
 from dicom_node.config import Config
+from dicom_node.tables import StudyState
 
 log = logging.getLogger(__name__)
 
@@ -243,12 +244,12 @@ def run_demo(cfg: Config, bundle_dir: Path, out_dir: Path, prepare_only: bool = 
         while time.monotonic() < deadline:
             st = node.journal.get_study(study_uid)
             state = getattr(st, "state", None)
-            if state in ("sent", "failed"):
+            if state in (StudyState.SENT, StudyState.FAILED):
                 break
             time.sleep(0.5)
         elapsed = time.monotonic() - t0
         st = node.journal.get_study(study_uid)
-        if state != "sent":
+        if state != StudyState.SENT:
             print(f"demo: study ended in state {state!r} after {elapsed:.0f} s: {getattr(st, 'error', '')}",
                   file=sys.stderr)
             return 1

@@ -5,8 +5,10 @@ transactions, one per call), so a crash at any point resumes from the last
 completed step: the C-STORE handler records an instance only after its file is
 fsynced and renamed into the spool, and answers success only after the commit.
 
-Tables live on the shared ``dicom_node.db.Base`` so the outbox shares the same
-database.  SQLite (WAL, synchronous=FULL) by default; any SQLAlchemy URL works
+The tables are in :mod:`dicom_node.tables` (one ``Base``, shared with the outbox).
+Every change of a study's state is a method here (``complete_study``, ``advance_stage``,
+``publish_results``, ``mark_sent`` ...): one transaction, conditional on the state it starts
+from, returning whether it happened.  SQLite (WAL, synchronous=FULL) by default; any SQLAlchemy URL works
 (PostgreSQL for several nodes).  Job claiming is an ``UPDATE ... WHERE
 state='queued'`` checked by row count, which is atomic on both.
 
@@ -23,109 +25,23 @@ import logging
 import socket
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Iterable, Optional
+from datetime import datetime, timedelta
+from typing import Any, Callable, Iterable, Optional
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Mapped, mapped_column
 
 from dicom_node import db
-from dicom_node.db import Base
+from dicom_node.tables import (PROCESS, Instance, Job, JobState, Rejection, Series, Study, StudyState, aware,
+                               utcnow)
 
 log = logging.getLogger(__name__)
 
-STUDY_STATES = ("receiving", "waiting", "processing", "reported", "sent", "failed")
-# "cancelled": a queued job superseded because its study was reopened by a late
-# instance before any worker took it (the next completion queues a fresh one).
-JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
-PROCESS = "process"
+STUDY_STATES = tuple(s.value for s in StudyState)
+JOB_STATES = tuple(s.value for s in JobState)
+_aware = aware  # (the name other modules used)
 
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _aware(t: Optional[datetime]) -> Optional[datetime]:
-    """SQLite returns naive datetimes; everything we store is UTC."""
-    if t is None:
-        return None
-    return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)
-
-
-# ---------------------------------------------------------------------------
-# Tables
-# ---------------------------------------------------------------------------
-class Study(Base):
-    __tablename__ = "studies"
-
-    study_uid: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
-    state: Mapped[str] = mapped_column(sa.String(16), index=True, default="receiving")
-    stage: Mapped[Optional[str]] = mapped_column(sa.String(32), nullable=True)
-    error: Mapped[Optional[str]] = mapped_column(sa.Text, nullable=True)
-    n_instances: Mapped[int] = mapped_column(sa.Integer, default=0)
-    first_received: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
-    last_received: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
-    completed_at: Mapped[Optional[datetime]] = mapped_column(sa.DateTime(timezone=True), nullable=True)
-    updated_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
-    timings: Mapped[Optional[dict]] = mapped_column(sa.JSON, nullable=True)
-    patient_hash: Mapped[Optional[str]] = mapped_column(sa.String(16), nullable=True)
-
-
-class Series(Base):
-    __tablename__ = "series"
-
-    series_uid: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
-    study_uid: Mapped[str] = mapped_column(sa.String(128), sa.ForeignKey("studies.study_uid"), index=True)
-    modality: Mapped[Optional[str]] = mapped_column(sa.String(16), nullable=True)
-    n_instances: Mapped[int] = mapped_column(sa.Integer, default=0)
-
-
-class Instance(Base):
-    __tablename__ = "instances"
-
-    sop_instance_uid: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
-    study_uid: Mapped[str] = mapped_column(sa.String(128), sa.ForeignKey("studies.study_uid"), index=True)
-    series_uid: Mapped[str] = mapped_column(sa.String(128), index=True)
-    sop_class_uid: Mapped[str] = mapped_column(sa.String(128))
-    modality: Mapped[Optional[str]] = mapped_column(sa.String(16), nullable=True)
-    transfer_syntax: Mapped[str] = mapped_column(sa.String(128))
-    path: Mapped[str] = mapped_column(sa.Text)
-    size: Mapped[int] = mapped_column(sa.BigInteger)
-    n_frames: Mapped[Optional[int]] = mapped_column(sa.Integer, nullable=True)
-    received_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
-    calling_aet: Mapped[Optional[str]] = mapped_column(sa.String(16), nullable=True)
-    processable: Mapped[bool] = mapped_column(sa.Boolean, default=False)
-    reason: Mapped[Optional[str]] = mapped_column(sa.Text, nullable=True)
-
-
-class Job(Base):
-    __tablename__ = "jobs"
-
-    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
-    study_uid: Mapped[str] = mapped_column(sa.String(128), index=True)
-    kind: Mapped[str] = mapped_column(sa.String(16), default=PROCESS)
-    state: Mapped[str] = mapped_column(sa.String(16), index=True, default="queued")
-    attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
-    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
-    started_at: Mapped[Optional[datetime]] = mapped_column(sa.DateTime(timezone=True), nullable=True)
-    finished_at: Mapped[Optional[datetime]] = mapped_column(sa.DateTime(timezone=True), nullable=True)
-    error: Mapped[Optional[str]] = mapped_column(sa.Text, nullable=True)
-    # Which host runs it: at start-up a node re-queues only its own host's
-    # running jobs, so nodes sharing a PostgreSQL journal never steal work.
-    claimed_by: Mapped[Optional[str]] = mapped_column(sa.String(255), nullable=True)
-
-
-class Rejection(Base):
-    __tablename__ = "rejections"
-
-    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
-    received_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
-    calling_aet: Mapped[Optional[str]] = mapped_column(sa.String(16), nullable=True)
-    sop_class_uid: Mapped[Optional[str]] = mapped_column(sa.String(128), nullable=True)
-    # As sent by the peer (possibly hostile), truncated; never used as a path.
-    sop_instance_uid: Mapped[Optional[str]] = mapped_column(sa.String(128), nullable=True)
-    status: Mapped[int] = mapped_column(sa.Integer)
-    reason: Mapped[str] = mapped_column(sa.Text)
+__all__ = ["Journal", "StudyRecord", "InstanceRecord", "JobRecord", "RecordResult", "StudyState", "JobState",
+           "STUDY_STATES", "JOB_STATES", "PROCESS", "Study", "Series", "Instance", "Job", "Rejection", "utcnow"]
 
 
 # ---------------------------------------------------------------------------
@@ -246,6 +162,10 @@ def _begin_immediate(engine: sa.Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+class _NothingToDo(Exception):
+    """Roll a transaction back from inside it."""
+
+
 _RETRYABLE = (sa.exc.IntegrityError, sa.exc.OperationalError)
 
 
@@ -311,17 +231,17 @@ class Journal:
             new_study = study is None
             reopened = False
             if study is None:
-                study = Study(study_uid=study_uid, state="receiving", n_instances=0, first_received=now,
+                study = Study(study_uid=study_uid, state=StudyState.RECEIVING, n_instances=0, first_received=now,
                               last_received=now, updated_at=now, patient_hash=patient_hash)
                 s.add(study)
                 s.flush()
-            elif study.state != "receiving":
+            elif study.state != StudyState.RECEIVING:
                 reopened = True
-                study.state = "receiving"
+                study.state = StudyState.RECEIVING
                 study.stage = None
                 study.error = None
-                s.execute(sa.update(Job).where(Job.study_uid == study_uid, Job.state == "queued")
-                          .values(state="cancelled", finished_at=now, error="superseded: study reopened"))
+                s.execute(sa.update(Job).where(Job.study_uid == study_uid, Job.state == JobState.QUEUED)
+                          .values(state=JobState.CANCELLED, finished_at=now, error="superseded: study reopened"))
             study.last_received = now
             study.updated_at = now
             if patient_hash and not study.patient_hash:
@@ -403,9 +323,15 @@ class Journal:
 
     def set_study_state(self, study_uid: str, state: str, *, stage: Optional[str] = None,
                         error: Optional[str] = None) -> None:
-        """Set a study's state (and stage); ``error`` is cleared unless given."""
-        if state not in STUDY_STATES:
-            raise ValueError(f"unknown study state {state!r}")
+        """Force a study's state (and stage); ``error`` is cleared unless given.
+
+        Unconditional: for tests and manual repair only.  The node moves studies with the
+        transitions below, each conditional on the state it starts from.
+        """
+        try:
+            state = StudyState(state)
+        except ValueError:
+            raise ValueError(f"unknown study state {state!r}") from None
         with self.sessionmaker.begin() as s:
             st = s.get(Study, study_uid)
             if st is None:
@@ -415,6 +341,67 @@ class Journal:
             st.error = error
             st.updated_at = utcnow()
         log.info("study %s -> %s%s", study_uid, state, f" ({stage})" if stage else "")
+
+    # -- transitions: one transaction each, only from the states they name -----
+    def _move(self, study_uid: str, from_states, to: StudyState, **values) -> bool:
+        with self.sessionmaker.begin() as s:
+            res = s.execute(sa.update(Study).where(Study.study_uid == study_uid, Study.state.in_(tuple(from_states)))
+                            .values(state=to, updated_at=utcnow(), **values))
+            moved = res.rowcount == 1
+        if moved:
+            log.info("study %s -> %s%s", study_uid, to, f" ({values['stage']})" if values.get("stage") else "")
+        return moved
+
+    def mark_sent(self, study_uid: str) -> bool:
+        """``reported`` -> ``sent``: every current result landed (not if the study was reopened)."""
+        return self._move(study_uid, (StudyState.REPORTED,), StudyState.SENT, stage=None, error=None)
+
+    def mark_delivery_failed(self, study_uid: str, error: str) -> bool:
+        """``reported``/``sent`` -> ``failed`` (stage ``outbox``): a result could not be delivered."""
+        return self._move(study_uid, (StudyState.REPORTED, StudyState.SENT), StudyState.FAILED,
+                          stage="outbox", error=(error or "")[:2000])
+
+    def fail_receiving(self, study_uid: str, stage: str, error: str) -> bool:
+        """``receiving`` -> ``failed``: the study can never complete (e.g. its MPPS was discontinued)."""
+        return self._move(study_uid, (StudyState.RECEIVING,), StudyState.FAILED, stage=stage,
+                          error=(error or "")[:2000])
+
+    def abandon_job(self, job_id: int, study_uid: str, error: str) -> bool:
+        """A processing job raised: the job ``failed`` and, unless a late instance reopened the
+        study (``receiving``), the study ``failed`` at its current stage (or ``pipeline``), in one
+        transaction.  Returns whether the study was failed."""
+        error = (error or "")[:2000]
+        now = utcnow()
+        with self.sessionmaker.begin() as s:
+            s.execute(sa.update(Job).where(Job.id == job_id)
+                      .values(state=JobState.FAILED, finished_at=now, error=error))
+            st = s.get(Study, study_uid, with_for_update=True)
+            if st is None or st.state == StudyState.RECEIVING:
+                return False
+            st.state, st.stage, st.error, st.updated_at = StudyState.FAILED, st.stage or "pipeline", error, now
+        log.info("study %s -> failed (%s)", study_uid, st.stage)
+        return True
+
+    def resume_delivery(self, study_uid: str, requeue: Callable[[Any], int],
+                        from_states=(StudyState.FAILED, StudyState.REPORTED, StudyState.SENT),
+                        stage: Optional[str] = None) -> Optional[int]:
+        """Deliver a study's results again: back to ``reported`` (stage ``outbox``) and
+        ``requeue(session)`` (the outbox's rows) in one transaction, only from ``from_states``
+        (and ``stage``, when given).  Returns the number of rows re-queued; 0 changes nothing
+        (no result to send), None when the study is unknown or not in those states."""
+        try:
+            with self.sessionmaker.begin() as s:
+                st = s.get(Study, study_uid, with_for_update=True)
+                if st is None or st.state not in from_states or (stage is not None and st.stage != stage):
+                    return None
+                st.state, st.stage, st.error, st.updated_at = StudyState.REPORTED, "outbox", None, utcnow()
+                n = requeue(s)
+                if not n:
+                    raise _NothingToDo
+        except _NothingToDo:  # rolled back
+            return 0
+        log.info("study %s -> reported (outbox): %d result(s) re-queued", study_uid, n)
+        return n
 
     def advance_stage(self, study_uid: str, stage: str, first: bool = True) -> bool:
         """Move a study being processed to ``stage`` (state ``processing``).
@@ -426,19 +413,19 @@ class Journal:
         False is returned, so the running pipeline stops instead of publishing
         results of half the study before the new job runs.
         """
-        states = ("waiting", "processing") if first else ("processing",)
+        states = (StudyState.WAITING, StudyState.PROCESSING) if first else (StudyState.PROCESSING,)
         with self.sessionmaker.begin() as s:
             res = s.execute(sa.update(Study).where(Study.study_uid == study_uid,
                                                    Study.state.in_(states))
-                            .values(state="processing", stage=stage, error=None, updated_at=utcnow()))
+                            .values(state=StudyState.PROCESSING, stage=stage, error=None, updated_at=utcnow()))
             return res.rowcount == 1
 
     def fail_processing(self, study_uid: str, stage: str, error: str) -> bool:
         """``failed`` with stage and error, unless the study was reopened meanwhile."""
         with self.sessionmaker.begin() as s:
             res = s.execute(sa.update(Study).where(Study.study_uid == study_uid,
-                                                   Study.state.in_(("waiting", "processing")))
-                            .values(state="failed", stage=stage, error=error, updated_at=utcnow()))
+                                                   Study.state.in_((StudyState.WAITING, StudyState.PROCESSING)))
+                            .values(state=StudyState.FAILED, stage=stage, error=error, updated_at=utcnow()))
             return res.rowcount == 1
 
     def publish_results(self, study_uid: str, in_transaction=None) -> bool:
@@ -452,14 +439,14 @@ class Journal:
         now = utcnow()
         with self.sessionmaker.begin() as s:
             st = s.get(Study, study_uid, with_for_update=True)
-            if st is None or st.state != "processing":
+            if st is None or st.state != StudyState.PROCESSING:
                 return False
-            st.state = "reported"
+            st.state = StudyState.REPORTED
             st.stage = "outbox"
             st.error = None
             st.updated_at = now
             s.execute(sa.update(Job).where(Job.study_uid == study_uid, Job.kind == PROCESS,
-                                           Job.state == "running").values(state="done", finished_at=now,
+                                           Job.state == JobState.RUNNING).values(state=JobState.DONE, finished_at=now,
                                                                           error=None))
             if in_transaction is not None:
                 in_transaction(s)
@@ -492,14 +479,14 @@ class Journal:
             due = _aware(st.last_received) + timedelta(seconds=quiet_seconds)
             if due > now:
                 return due
-            if st.state != "receiving":
+            if st.state != StudyState.RECEIVING:
                 # The pipeline may have overwritten a reopened study's state;
                 # process again if something arrived after the last job.
                 last_job = s.scalar(sa.select(sa.func.max(Job.created_at))
                                     .where(Job.study_uid == study_uid, Job.kind == PROCESS))
                 if last_job is not None and _aware(last_job) >= _aware(st.last_received):
                     return False
-            st.state = "waiting"
+            st.state = StudyState.WAITING
             st.stage = None
             st.error = None
             st.completed_at = now
@@ -515,7 +502,7 @@ class Journal:
             st = s.get(Study, study_uid, with_for_update=True)
             if st is None:
                 raise KeyError(study_uid)
-            st.state = "waiting"
+            st.state = StudyState.WAITING
             st.stage = None
             st.error = None
             st.updated_at = now
@@ -526,10 +513,10 @@ class Journal:
     @staticmethod
     def _enqueue(s, study_uid: str, kind: str, now: datetime) -> Job:
         existing = s.scalars(sa.select(Job).where(Job.study_uid == study_uid, Job.kind == kind,
-                                                  Job.state == "queued")).first()
+                                                  Job.state == JobState.QUEUED)).first()
         if existing is not None:
             return existing
-        job = Job(study_uid=study_uid, kind=kind, state="queued", attempts=0, created_at=now)
+        job = Job(study_uid=study_uid, kind=kind, state=JobState.QUEUED, attempts=0, created_at=now)
         s.add(job)
         s.flush()
         return job
@@ -544,12 +531,12 @@ class Journal:
         """Atomically take the oldest queued job (queued -> running), or None."""
         while True:
             with self.sessionmaker.begin() as s:
-                job_id = s.scalar(sa.select(Job.id).where(Job.state == "queued", Job.kind == kind)
+                job_id = s.scalar(sa.select(Job.id).where(Job.state == JobState.QUEUED, Job.kind == kind)
                                   .order_by(Job.id).limit(1))
                 if job_id is None:
                     return None
-                res = s.execute(sa.update(Job).where(Job.id == job_id, Job.state == "queued")
-                                .values(state="running", started_at=utcnow(), attempts=Job.attempts + 1,
+                res = s.execute(sa.update(Job).where(Job.id == job_id, Job.state == JobState.QUEUED)
+                                .values(state=JobState.RUNNING, started_at=utcnow(), attempts=Job.attempts + 1,
                                         claimed_by=self.owner))
                 if res.rowcount == 1:
                     return _job(s.get(Job, job_id))
@@ -557,12 +544,12 @@ class Journal:
 
     def finish_job(self, job_id: int) -> None:
         with self.sessionmaker.begin() as s:
-            s.execute(sa.update(Job).where(Job.id == job_id).values(state="done", finished_at=utcnow(), error=None))
+            s.execute(sa.update(Job).where(Job.id == job_id).values(state=JobState.DONE, finished_at=utcnow(), error=None))
 
     def fail_job(self, job_id: int, error: str) -> None:
         with self.sessionmaker.begin() as s:
             s.execute(sa.update(Job).where(Job.id == job_id)
-                      .values(state="failed", finished_at=utcnow(), error=(error or "")[:4000]))
+                      .values(state=JobState.FAILED, finished_at=utcnow(), error=(error or "")[:4000]))
 
     def get_job(self, job_id: int) -> Optional[JobRecord]:
         with self.sessionmaker() as s:
@@ -582,12 +569,12 @@ class Journal:
         """At start-up: jobs this host's dead process left 'running' go back to 'queued'."""
         with self.sessionmaker.begin() as s:
             mine = sa.or_(Job.claimed_by == self.owner, Job.claimed_by.is_(None))
-            studies = s.scalars(sa.select(Job.study_uid).where(Job.state == "running", mine)).all()
-            res = s.execute(sa.update(Job).where(Job.state == "running", mine)
-                            .values(state="queued", started_at=None, claimed_by=None))
+            studies = s.scalars(sa.select(Job.study_uid).where(Job.state == JobState.RUNNING, mine)).all()
+            res = s.execute(sa.update(Job).where(Job.state == JobState.RUNNING, mine)
+                            .values(state=JobState.QUEUED, started_at=None, claimed_by=None))
             n = res.rowcount or 0
             # Their studies were mid-processing; they wait again.
             if studies:
-                s.execute(sa.update(Study).where(Study.study_uid.in_(set(studies)), Study.state == "processing")
-                          .values(state="waiting", stage=None, updated_at=utcnow()))
+                s.execute(sa.update(Study).where(Study.study_uid.in_(set(studies)), Study.state == StudyState.PROCESSING)
+                          .values(state=StudyState.WAITING, stage=None, updated_at=utcnow()))
         return n

@@ -48,8 +48,7 @@ import sqlalchemy as sa
 from pydicom.dataset import Dataset
 from sqlalchemy.orm import Mapped, mapped_column
 
-from dicom_node.db import Base
-from dicom_node.journal import _aware, utcnow
+from dicom_node.tables import Base, UTCDateTime, aware as _aware, utcnow
 from dicom_node.scu import QueuedSender, association, dimse_status
 
 log = logging.getLogger(__name__)
@@ -84,11 +83,11 @@ class MPPSRow(Base):
     expected: Mapped[list] = mapped_column(sa.JSON, default=list)  # listed SOP Instance UIDs
     completion: Mapped[str] = mapped_column(sa.String(16), index=True, default=C_NONE)
     note: Mapped[Optional[str]] = mapped_column(sa.Text, nullable=True)
-    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
-    updated_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
-    ended_at: Mapped[Optional[datetime]] = mapped_column(sa.DateTime(timezone=True), nullable=True)
-    deadline: Mapped[Optional[datetime]] = mapped_column(sa.DateTime(timezone=True), nullable=True)
-    triggered_at: Mapped[Optional[datetime]] = mapped_column(sa.DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    ended_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime(), nullable=True)
+    deadline: Mapped[Optional[datetime]] = mapped_column(UTCDateTime(), nullable=True)
+    triggered_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class MPPSError(Exception):
@@ -249,7 +248,7 @@ class MPPSService:
             self._run(self._trigger, uid, "all listed instances are here")
 
     def _present(self, uids: list[str]) -> set[str]:
-        from dicom_node.journal import Instance
+        from dicom_node.tables import Instance
 
         found: set[str] = set()
         with self.sessionmaker() as s:
@@ -289,7 +288,7 @@ class MPPSService:
         self.scheduler.add_job(fn, args=list(args))
 
     def _studies_of(self, s, row: MPPSRow) -> list[str]:
-        from dicom_node.journal import Instance
+        from dicom_node.tables import Instance
 
         studies = set()
         uids = list(row.expected or [])

@@ -1,7 +1,7 @@
 """The outbox: results (SR, KOS) journalled per destination and sent until they land.
 
 Every (object, destination) pair is one row of the ``outbox`` table (on the
-shared :data:`dicom_node.db.Base`).  A row moves::
+shared ``Base`` of :mod:`dicom_node.tables`).  A row moves::
 
     pending ──claim──▶ sending ──peer says success/warning──▶ sent
        ▲                  │──retryable failure──▶ pending (next_attempt_at = now + backoff)
@@ -49,52 +49,20 @@ from pathlib import Path
 from typing import Optional
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import sessionmaker
 
 from dicom_node import scu
 from dicom_node.config import Config, Destination
-from dicom_node.db import Base
+from dicom_node.tables import OutboxRow, OutboxState, utcnow
 
 log = logging.getLogger(__name__)
 
-PENDING = "pending"
-SENDING = "sending"
-SENT = "sent"
-FAILED = "failed"
-SUPERSEDED = "superseded"  # an older result of a re-processed study: never sent
-STATES = (PENDING, SENDING, SENT, FAILED, SUPERSEDED)
-
-
-def utcnow() -> _dt.datetime:
-    """Naive UTC (portable across SQLite and PostgreSQL columns without time zone)."""
-    return _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
-
-
-class OutboxRow(Base):
-    """One object to deliver to one destination."""
-
-    __tablename__ = "outbox"
-    __table_args__ = (sa.UniqueConstraint("sop_instance_uid", "destination", name="uq_outbox_object_dest"),)
-
-    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
-    study_uid: Mapped[str] = mapped_column(sa.String(64), index=True)
-    sop_instance_uid: Mapped[str] = mapped_column(sa.String(64))
-    path: Mapped[str] = mapped_column(sa.Text)
-    destination: Mapped[str] = mapped_column(sa.String(64))
-    state: Mapped[str] = mapped_column(sa.String(16), index=True, default=PENDING)
-    attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
-    created_at: Mapped[_dt.datetime] = mapped_column(sa.DateTime, default=utcnow)
-    queued_at: Mapped[_dt.datetime] = mapped_column(sa.DateTime, default=utcnow)  # horizon starts here
-    next_attempt_at: Mapped[_dt.datetime] = mapped_column(sa.DateTime, default=utcnow, index=True)
-    last_attempt_at: Mapped[Optional[_dt.datetime]] = mapped_column(sa.DateTime, nullable=True)
-    sent_at: Mapped[Optional[_dt.datetime]] = mapped_column(sa.DateTime, nullable=True)
-    last_status: Mapped[Optional[int]] = mapped_column(sa.Integer, nullable=True)
-    last_error: Mapped[Optional[str]] = mapped_column(sa.Text, nullable=True)
-    claimed_by: Mapped[Optional[str]] = mapped_column(sa.String(128), nullable=True)
-
-    def __repr__(self) -> str:  # pragma: no cover - debugging aid
-        return (f"OutboxRow({self.sop_instance_uid} -> {self.destination}: {self.state}, "
-                f"attempts={self.attempts}, error={self.last_error!r})")
+PENDING = OutboxState.PENDING
+SENDING = OutboxState.SENDING
+SENT = OutboxState.SENT
+FAILED = OutboxState.FAILED
+SUPERSEDED = OutboxState.SUPERSEDED  # an older result of a re-processed study: never sent
+STATES = tuple(OutboxState)
 
 
 def create_table(engine: sa.Engine) -> None:
@@ -108,7 +76,9 @@ def backoff_s(attempts: int, base: float, maximum: float, rng: random.Random | N
     return delay * (rng or random).uniform(0.5, 1.0)
 
 
-def _requeue(session, study_uid: str) -> int:
+def requeue_failed(session, study_uid: str) -> int:
+    """In ``session``: a study's failed (and waiting) rows pending now, attempts and horizon
+    from zero; returns how many."""
     now = utcnow()
     rows = session.scalars(sa.select(OutboxRow).where(
         OutboxRow.study_uid == study_uid, OutboxRow.state.in_((FAILED, PENDING)))).all()
@@ -128,7 +98,7 @@ def retry_study_db(session_factory: sessionmaker, study_uid: str) -> int:
     The horizon starts again from now.
     """
     with session_factory() as s, s.begin():
-        return _requeue(s, study_uid)
+        return requeue_failed(s, study_uid)
 
 
 def resend_study_db(session_factory: sessionmaker, study_uid: str) -> int:
@@ -136,14 +106,19 @@ def resend_study_db(session_factory: sessionmaker, study_uid: str) -> int:
     lost them); superseded results stay unsent and rows being sent are left alone.
     Returns the number of rows queued.  Delivery is the outbox's usual path.
     """
-    now = utcnow()
     with session_factory() as s, s.begin():
-        rows = s.scalars(sa.select(OutboxRow).where(
-            OutboxRow.study_uid == study_uid, OutboxRow.state.in_((SENT, FAILED, PENDING)))).all()
-        for r in rows:
-            r.state, r.attempts, r.queued_at, r.next_attempt_at, r.claimed_by = PENDING, 0, now, now, None
-            r.sent_at = None
-        return len(rows)
+        return requeue_current(s, study_uid)
+
+
+def requeue_current(session, study_uid: str) -> int:
+    """In ``session``: every current (not superseded, not being sent) row of a study pending now."""
+    now = utcnow()
+    rows = session.scalars(sa.select(OutboxRow).where(
+        OutboxRow.study_uid == study_uid, OutboxRow.state.in_((SENT, FAILED, PENDING)))).all()
+    for r in rows:
+        r.state, r.attempts, r.queued_at, r.next_attempt_at, r.claimed_by = PENDING, 0, now, now, None
+        r.sent_at = None
+    return len(rows)
 
 
 class Outbox:

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicom_node.journal import Journal
+from dicom_node.tables import StudyState
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class CompletionScheduler:
     def resume(self) -> int:
         """Re-arm a timer for every study the journal says is still receiving."""
         n = 0
-        for st in self.journal.list_studies(states=["receiving"]):
+        for st in self.journal.list_studies(states=[StudyState.RECEIVING]):
             self._arm(st.study_uid, st.last_received + timedelta(seconds=self.quiet), force=True)
             n += 1
         if n:
@@ -81,8 +82,8 @@ class CompletionScheduler:
                 due = st.last_received + timedelta(seconds=self.quiet) if st is not None else None
                 if due is not None and due > datetime.now(timezone.utc):
                     self._arm(study_uid, due)
-                elif st is not None and st.state == "receiving":
-                    self.journal.set_study_state(study_uid, "failed", stage="mpps", error=why)
+                elif st is not None:
+                    self.journal.fail_receiving(study_uid, "mpps", why)
                 return
         except Exception:
             log.exception("completion veto check failed for study %s", study_uid)

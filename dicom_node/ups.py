@@ -53,9 +53,9 @@ from pydicom.tag import Tag
 from pydicom.uid import generate_uid
 from sqlalchemy.orm import Mapped, mapped_column
 
-from dicom_node.db import Base
-from dicom_node.journal import utcnow
+from dicom_node.tables import Base, StudyState, UTCDateTime, utcnow
 from dicom_node.scu import QueuedSender, association, dimse_status
+from dicom_node.spool import RESULTS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,8 @@ class UPSItem(Base):
     study_uid: Mapped[Optional[str]] = mapped_column(sa.String(128), index=True, nullable=True)
     attrs: Mapped[str] = mapped_column(sa.Text)  # DICOM JSON
     created_by: Mapped[Optional[str]] = mapped_column(sa.String(16), nullable=True)
-    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
-    updated_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class UPSSubscription(Base):
@@ -122,7 +122,7 @@ class UPSSubscription(Base):
     ae_title: Mapped[str] = mapped_column(sa.String(16), primary_key=True)
     ups_uid: Mapped[str] = mapped_column(sa.String(128), primary_key=True)  # or GLOBAL
     deletion_lock: Mapped[bool] = mapped_column(sa.Boolean, default=False)
-    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class UPSError(Exception):
@@ -584,9 +584,9 @@ class UPSService:
             st = self.journal.get_study(study)
             if st is None:
                 continue
-            if st.state in ("reported", "sent"):
+            if st.state in (StudyState.REPORTED, StudyState.SENT):
                 n += len(self.finish_study(study, outputs_in(results_root / study)))
-            elif st.state == "failed":
+            elif st.state == StudyState.FAILED:
                 n += len(self.cancel_study(study, f"processing failed: {st.error or ''}"[:200]))
         if n:
             log.info("finished %d work item(s) left IN PROGRESS by a previous process", n)
@@ -595,9 +595,9 @@ class UPSService:
     def _adopt_if_done(self, uid: str, study_uid: str) -> None:
         """A work item for a study already processed: complete it with those results (no re-processing)."""
         st = self.journal.get_study(study_uid)
-        if st is None or st.state not in ("reported", "sent"):
+        if st is None or st.state not in (StudyState.REPORTED, StudyState.SENT):
             return  # claimed when the study is processed
-        root = Path(self.config.spool_dir) / "results" / study_uid
+        root = Path(self.config.spool_dir) / RESULTS_DIR / study_uid
         outputs = outputs_in(root)
         if not outputs:
             return

@@ -15,6 +15,7 @@ import importlib
 import sys
 
 from dicom_node.config import load_config
+from dicom_node.tables import StudyState
 
 
 def register(sub) -> None:
@@ -38,7 +39,7 @@ def requeue(journal, study_uid: str, reprocess: bool = False) -> str:
     st = journal.get_study(study_uid)
     if st is None:
         raise RetryRefused(f"unknown study {study_uid}")
-    if st.state == "receiving":
+    if st.state == StudyState.RECEIVING:
         raise RetryRefused(f"study {study_uid} is still receiving; it is queued when complete")
     try:
         outbox = importlib.import_module("dicom_node.outbox")
@@ -46,16 +47,16 @@ def requeue(journal, study_uid: str, reprocess: bool = False) -> str:
         if exc.name != "dicom_node.outbox":
             raise
         outbox = None
-    resend = getattr(outbox, "retry_study_db", None) if outbox else None
     prefix = ""
-    if st.stage == "outbox" and st.state in ("failed", "reported") and resend and not reprocess:
-        # State first: a running node may deliver the rows at once, and it moves
-        # a study to `sent` only from `reported`.
-        journal.set_study_state(study_uid, "reported", stage="outbox")
-        n = resend(journal.sessionmaker, study_uid)
+    if outbox is not None and not reprocess:
+        # One commit: back to `reported` (a running node moves a study to `sent` only from
+        # there) and the failed rows pending again.
+        n = journal.resume_delivery(study_uid, lambda s: outbox.requeue_failed(s, study_uid),
+                                    from_states=(StudyState.FAILED, StudyState.REPORTED), stage="outbox")
         if n:
             return f"study {study_uid}: {n} result(s) re-queued for sending"
-        prefix = f"study {study_uid}: no unsent result to re-queue; processing again\n"
+        if n == 0:
+            prefix = f"study {study_uid}: no unsent result to re-queue; processing again\n"
     job = journal.retry_study(study_uid)
     return prefix + f"study {study_uid}: processing re-queued (job {job.id}, was {st.state})"
 

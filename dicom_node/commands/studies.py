@@ -68,11 +68,9 @@ def run(args) -> int:
 
 def _outbox_rows(journal) -> dict[str, list[dict]]:
     """Each study's results and their delivery per destination (no PHI: UIDs and states)."""
-    try:
-        from dicom_node.outbox import OutboxRow
-    except ImportError:
-        return {}
     import sqlalchemy as sa
+
+    from dicom_node.tables import OutboxRow
 
     out: dict[str, list[dict]] = {}
     with journal.sessionmaker() as s:

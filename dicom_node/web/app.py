@@ -26,7 +26,8 @@ from starlette.routing import Route
 
 import dicom_node
 from dicom_node.journal import STUDY_STATES
-from dicom_node.spool import uid_is_path_safe
+from dicom_node.tables import OutboxRow, OutboxState, StudyState
+from dicom_node.spool import RESULTS_DIR, uid_is_path_safe
 from dicom_node.web import auth, dicomweb, pages, stow
 from dicom_node.web.results import read_report, result_files
 
@@ -56,7 +57,7 @@ def build_app(node, token: Optional[str] = None) -> Starlette:
     env.filters["ago"] = pages.ago
     env.filters["ts"] = lambda t: t.strftime("%Y-%m-%d %H:%M:%S") if t else ""
     thumbs = pages.ThumbnailCache()
-    results_root = Path(cfg.spool_dir) / "results"
+    results_root = Path(cfg.spool_dir) / RESULTS_DIR
     secure_cookie = bool(cfg.web.tls.cert)
 
     def base_url(request: Request) -> str:
@@ -117,7 +118,7 @@ def build_app(node, token: Optional[str] = None) -> Starlette:
         return render(request, "study.html", study=st, series=pages.series_groups(instances), files=files,
                       report=report, report_error=report_error, jobs=pages.study_jobs(node.journal, uid),
                       history=pages.outbox_history(node.journal, uid), refresh_s=cfg.web.refresh_s
-                      if st.state in ("receiving", "waiting", "processing", "reported") else 0,
+                      if st.state in (StudyState.RECEIVING, StudyState.WAITING, StudyState.PROCESSING, StudyState.REPORTED) else 0,
                       has_destinations=bool(cfg.destinations))
 
     def frame_png(request: Request):
@@ -159,7 +160,7 @@ def build_app(node, token: Optional[str] = None) -> Starlette:
         except Exception as exc:
             bundle_error = f"{exc.__class__.__name__}: {exc}"
         with node.journal.sessionmaker() as s:
-            from dicom_node.journal import Rejection, Study
+            from dicom_node.tables import Rejection, Study
 
             counts = dict(s.execute(sa.select(Study.state, sa.func.count()).group_by(Study.state)).all())
             n_rej = s.scalar(sa.select(sa.func.count()).select_from(Rejection)) or 0
@@ -205,20 +206,20 @@ def build_app(node, token: Optional[str] = None) -> Starlette:
             node._wake.set()  # a worker takes it now rather than at its next poll
             return "retried"
         st = node.journal.get_study(uid)
-        if st is None or st.state == "receiving":
+        if st is None or st.state == StudyState.RECEIVING:
             return "refused"
-        from dicom_node.outbox import resend_study_db
+        from dicom_node.outbox import requeue_current, resend_study_db
 
         with node.journal.sessionmaker() as s:
-            from dicom_node.outbox import OutboxRow
-
             n_rows = s.scalar(sa.select(sa.func.count()).select_from(OutboxRow)
-                              .where(OutboxRow.study_uid == uid, OutboxRow.state != "superseded")) or 0
+                              .where(OutboxRow.study_uid == uid, OutboxRow.state != OutboxState.SUPERSEDED)) or 0
         if not n_rows:
             return "resent-none"
-        if st.state in ("failed", "sent"):
-            node.journal.set_study_state(uid, "reported", stage="outbox")
-        n = resend_study_db(node.journal.sessionmaker, uid)
+        # failed/sent: back to reported with the rows in one commit; otherwise only the rows
+        n = node.journal.resume_delivery(uid, lambda s: requeue_current(s, uid),
+                                         from_states=(StudyState.FAILED, StudyState.SENT))
+        if n is None:
+            n = resend_study_db(node.journal.sessionmaker, uid)
         log.info("web: study %s: %d result(s) re-queued for sending", uid, n)
         return "resent"
 

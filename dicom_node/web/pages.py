@@ -20,22 +20,14 @@ from typing import Optional
 import numpy as np
 import sqlalchemy as sa
 
-from dicom_node.journal import STUDY_STATES, Job, Study, _aware
+from dicom_node.journal import STUDY_STATES
+from dicom_node.tables import Job, OutboxRow, OutboxState, Study, aware as _aware
 
 THUMB_SIZE = 320
 
 
-def _outbox_table():
-    try:
-        from dicom_node.outbox import OutboxRow
-    except ImportError:
-        return None
-    return OutboxRow
-
-
 def study_rows(journal, state: Optional[str], page: int, page_size: int) -> tuple[list[dict], int, dict]:
     """One page of studies (newest first), the number matching, and the count per state."""
-    OutboxRow = _outbox_table()
     with journal.sessionmaker() as s:
         counts = dict(s.execute(sa.select(Study.state, sa.func.count()).group_by(Study.state)).all())
         q = sa.select(Study)
@@ -45,7 +37,7 @@ def study_rows(journal, state: Optional[str], page: int, page_size: int) -> tupl
         rows = s.scalars(q.order_by(Study.first_received.desc()).limit(page_size).offset(page * page_size)).all()
         uids = [r.study_uid for r in rows]
         delivery: dict[str, dict[str, dict[str, int]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(int)))
-        if OutboxRow is not None and uids:
+        if uids:
             for uid, dest, st, n in s.execute(
                     sa.select(OutboxRow.study_uid, OutboxRow.destination, OutboxRow.state, sa.func.count())
                     .where(OutboxRow.study_uid.in_(uids)).group_by(OutboxRow.study_uid, OutboxRow.destination,
@@ -63,7 +55,7 @@ def study_rows(journal, state: Optional[str], page: int, page_size: int) -> tupl
 
 
 def _delivery_summary(states: dict[str, int]) -> str:
-    live = {k: v for k, v in states.items() if k != "superseded"}
+    live = {k: v for k, v in states.items() if k != OutboxState.SUPERSEDED}
     n = sum(live.values())
     if not n:
         return "superseded"
@@ -75,9 +67,6 @@ def _delivery_summary(states: dict[str, int]) -> str:
 
 
 def outbox_history(journal, study_uid: str) -> list[dict]:
-    OutboxRow = _outbox_table()
-    if OutboxRow is None:
-        return []
     with journal.sessionmaker() as s:
         return [dict(sop_instance_uid=r.sop_instance_uid, kind=_kind(r.path), destination=r.destination,
                      state=r.state, attempts=r.attempts, last_status=r.last_status, last_error=r.last_error,

@@ -3,7 +3,7 @@
 The study page shows the report *as the SR says it* (not a re-run of the
 model, not a cache): runs with laterality, confidence and key frames, the
 lesions with where they were seen, and each language's narrative.  The files
-live in ``<spool>/results/<study>/{SR,KO}_<uid>.dcm`` (``pipeline.results_dir``);
+live in ``<spool>/results/<study>/{SR,KO}_<uid>.dcm`` (``Spool.results_dir``);
 the newest SR is the current one.
 """
 
