@@ -29,11 +29,13 @@ import sqlalchemy as sa
 
 from dicom_node.admin import AdminServer
 from dicom_node.config import Config
+from dicom_node.context import Models, NodeContext
 from dicom_node.journal import Journal, RecordResult
 from dicom_node.metrics import NodeMetrics
 from dicom_node.scheduler import CompletionScheduler
 from dicom_node.scp import StorageSCP
-from dicom_node.spool import Spool
+from dicom_node.spool import RESULTS_DIR, Spool
+from dicom_node.tables import OutboxState, StudyState
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +45,9 @@ WORKER_POLL_S = 1.0
 class Node:
     def __init__(self, config: Config, bundle_dir: Optional[str | Path] = None,
                  process_fn: Optional[Callable] = None):
-        """``process_fn(node, study_uid)`` replaces ``dicom_node.pipeline.process_study``
-        (embedding, tests); by default the pipeline module is used when present."""
+        """``process_fn(context, study_uid)`` (a :class:`~dicom_node.context.NodeContext`) replaces
+        ``dicom_node.pipeline.process_study`` (embedding, tests); by default the pipeline module
+        is used when present."""
         self.config = config
         self.bundle_dir = Path(bundle_dir).resolve() if bundle_dir else config.bundle_dir
         self.metrics = NodeMetrics()
@@ -59,8 +62,8 @@ class Node:
         self.ups = None  # dicom_node.ups.UPSService when ups.enabled
         self._mpps_forwarder = None
         self._ups_events = None
-        self._bundle = None
-        self._bundle_lock = threading.Lock()
+        self.models = Models(config, self.bundle_dir)
+        self.context: Optional[NodeContext] = None  # built at start: what processing is handed
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._workers: list[threading.Thread] = []
@@ -89,12 +92,7 @@ class Node:
     @property
     def bundle(self):
         """The model bundle, loaded on first use (receiving never needs it)."""
-        with self._bundle_lock:
-            if self._bundle is None:
-                from inference.bundle import Bundle
-
-                self._bundle = Bundle.load(self.bundle_dir)
-            return self._bundle
+        return self.models.bundle
 
     # -- lifecycle ------------------------------------------------------------
     def start(self) -> "Node":
@@ -123,6 +121,8 @@ class Node:
         self.completion.start()
         self.completion.resume()
         self._start_outbox()
+        self.context = NodeContext(config=cfg, journal=self.journal, spool=self.spool, models=self.models,
+                                   metrics=self.metrics, outbox=self.outbox)
         workflow = self._start_workflow()
 
         self.scp = StorageSCP(cfg, self.spool, self.journal, self.metrics, on_stored=self._on_stored,
@@ -161,8 +161,8 @@ class Node:
                                  on_study_failed=self._on_study_send_failed)
         self.outbox.start(self.completion.scheduler)
         # A crash after a row was marked sent but before the study was: finish it now.
-        for st in self.journal.list_studies(states=["reported"]):
-            if self.outbox.study_state(st.study_uid) == "sent":
+        for st in self.journal.list_studies(states=[StudyState.REPORTED]):
+            if self.outbox.study_state(st.study_uid) == OutboxState.SENT:
                 self._on_study_sent(st.study_uid)
 
     def _start_workflow(self):
@@ -184,7 +184,7 @@ class Node:
             self._ups_events = EventSender(cfg)
             self.ups = UPSService(cfg, self.journal, self.completion.scheduler, self._ups_events)
             try:
-                self.ups.recover(cfg.spool_dir / "results")
+                self.ups.recover(self.spool.root / RESULTS_DIR)
             except Exception:
                 log.exception("UPS recovery failed; the work items stay IN PROGRESS")
         if self.mpps is None and self.ups is None:
@@ -265,14 +265,10 @@ class Node:
         self._wake.set()
 
     def _on_study_sent(self, study_uid: str) -> None:
-        st = self.journal.get_study(study_uid)
-        if st is not None and st.state == "reported":  # not if reopened meanwhile
-            self.journal.set_study_state(study_uid, "sent")
+        self.journal.mark_sent(study_uid)  # only from reported: not if reopened meanwhile
 
     def _on_study_send_failed(self, study_uid: str, error: str) -> None:
-        st = self.journal.get_study(study_uid)
-        if st is not None and st.state in ("reported", "sent"):
-            self.journal.set_study_state(study_uid, "failed", stage="outbox", error=error[:2000])
+        self.journal.mark_delivery_failed(study_uid, error)
 
     def health(self) -> dict:
         h = {"status": "ok", "ae_title": self.config.node.ae_title,
@@ -319,14 +315,11 @@ class Node:
         t0 = time.monotonic()
         self._ups_begin(job.study_uid)
         try:
-            summary = fn(self, job.study_uid)
+            summary = fn(self.context, job.study_uid)
         except Exception as exc:
             err = f"{exc.__class__.__name__}: {exc}"[:2000]
             log.error("processing study %s failed: %s", job.study_uid, err)
-            self.journal.fail_job(job.id, err)
-            st = self.journal.get_study(job.study_uid)
-            if st is not None and st.state != "receiving":
-                self.journal.set_study_state(job.study_uid, "failed", stage=st.stage or "pipeline", error=err)
+            if self.journal.abandon_job(job.id, job.study_uid, err):  # not if reopened meanwhile
                 self._ups_end(job.study_uid, None, error=err)
             self.metrics.jobs.labels(outcome="failed").inc()
             return
@@ -354,13 +347,13 @@ class Node:
                 self.ups.cancel_study(study_uid, f"processing failed: {error}"[:200])
                 return
             st = self.journal.get_study(study_uid)
-            if st is None or st.state not in ("reported", "sent"):
+            if st is None or st.state not in (StudyState.REPORTED, StudyState.SENT):
                 return  # stale (reopened) or still running: the next processing finishes them
             from dicom_node.ups import outputs_in, outputs_of
 
             results = summary.get("results") if isinstance(summary, dict) else None
             outputs = (outputs_of(r["path"] for r in results) if results
-                       else outputs_in(self.config.spool_dir / "results" / study_uid))
+                       else outputs_in(self.spool.results_dir(study_uid)))
             self.ups.finish_study(study_uid, outputs)
         except Exception:
             log.exception("updating the work items of study %s failed", study_uid)

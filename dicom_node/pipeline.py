@@ -24,6 +24,9 @@ from typing import Any, Callable, Optional
 
 import pydicom
 
+from dicom_node.context import NodeContext
+from dicom_node.metrics import NodeMetrics
+from dicom_node.tables import OutboxState
 from inference.types import ReportText, RunSelection, StudyResult
 
 log = logging.getLogger(__name__)
@@ -73,69 +76,12 @@ def run_with_timeout(stage: str, timeout_s: float, fn: Callable[..., Any], *args
 class _Timer:
     timings: dict[str, float] = field(default_factory=dict)
 
-    def record(self, stage: str, seconds: float, node) -> None:
+    metrics: Optional[NodeMetrics] = None
+
+    def record(self, stage: str, seconds: float) -> None:
         self.timings[stage] = round(seconds, 3)
-        metrics = getattr(node, "metrics", None)
-        if metrics is not None and hasattr(metrics, "observe_stage"):
-            metrics.observe_stage(stage, seconds)
-
-
-# ---------------------------------------------------------------------------
-# Model runtimes, cached per node (loading a model per study would dominate).
-# ---------------------------------------------------------------------------
-_RUNTIME_LOCK = threading.Lock()
-
-
-def _bundle(node):
-    b = getattr(node, "bundle", None)  # Node loads and verifies it once
-    if b is None:
-        from inference.bundle import Bundle
-
-        b = Bundle.load(node.config.bundle_dir)
-    return b
-
-
-def _selector(node):
-    with _RUNTIME_LOCK:
-        sel = getattr(node, "_pipeline_selector", None)
-        if sel is None:
-            from inference.selector import Selector
-
-            c = node.config.selector
-            sel = Selector(_bundle(node), threads=c.threads, batch_size=c.batch_size, providers=c.providers)
-            node._pipeline_selector = sel
-        return sel
-
-
-def _lesion_model(node):
-    """The bundle's lesion model (cached), or None when the bundle has none or it is disabled."""
-    if not node.config.lesions.enabled:
-        return None
-    with _RUNTIME_LOCK:
-        lm = getattr(node, "_pipeline_lesions", None)
-        if lm is None:
-            b = _bundle(node)
-            if b.manifest.lesions is None:
-                return None
-            from inference.lesions import LesionModel
-
-            c = node.config.lesions
-            lm = LesionModel(b, threads=c.threads, providers=c.providers)
-            node._pipeline_lesions = lm
-        return lm
-
-
-def _vlm(node):
-    with _RUNTIME_LOCK:
-        be = getattr(node, "_pipeline_vlm", None)
-        if be is None:
-            if node.config.vlm.backend == "none":
-                return None
-            from inference.vlm import load_backend
-
-            be = load_backend(node.config.vlm, _bundle(node))
-            node._pipeline_vlm = be
-        return be
+        if self.metrics is not None:
+            self.metrics.observe_stage(stage, seconds)
 
 
 # ---------------------------------------------------------------------------
@@ -161,9 +107,9 @@ def _classify_instances(instances, modalities: list[str]):
     return runs, skipped
 
 
-def _select(node, runs) -> list[RunSelection]:
-    sel = _selector(node)
-    c = node.config.selector
+def _select(ctx: NodeContext, runs) -> list[RunSelection]:
+    sel = ctx.models.selector()
+    c = ctx.config.selector
     out = []
     for inst in runs:
         try:
@@ -178,7 +124,7 @@ def _select(node, runs) -> list[RunSelection]:
     return out
 
 
-def _key_images(node, selections: list[RunSelection]) -> dict[str, list]:
+def _key_images(ctx: NodeContext, selections: list[RunSelection]) -> dict[str, list]:
     """The key frames per side, best first, at most vlm.max_images in all."""
     by_side: dict[str, list[tuple[float, str, int]]] = {"LCA": [], "RCA": []}
     for r in selections:
@@ -186,7 +132,7 @@ def _key_images(node, selections: list[RunSelection]) -> dict[str, list]:
             continue
         for k in r.key_frames:
             by_side[r.laterality].append((k.score, r.file, k.frame_number))
-    limit = node.config.vlm.max_images
+    limit = ctx.config.vlm.max_images
     images: dict[str, list] = {}
     per_side = max(1, limit // max(1, sum(1 for v in by_side.values() if v)))
     for side, items in by_side.items():
@@ -235,37 +181,16 @@ def _read_headers(paths: list[str]) -> list[pydicom.Dataset]:
     return out
 
 
-def _atomic_write(ds: pydicom.Dataset, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    ds.save_as(tmp, enforce_file_format=True)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
-def results_dir(node, study_uid: str) -> Path:
-    return Path(node.config.spool_dir) / "results" / study_uid
-
-
-def _predecessor(node, study_uid: str) -> Optional[pydicom.Dataset]:
+def _predecessor(ctx: NodeContext, study_uid: str) -> Optional[pydicom.Dataset]:
     """The newest SR this node delivered for the study, if any (a re-processed study
     references it).  SRs that were superseded before reaching any PACS don't count."""
-    d = results_dir(node, study_uid)
+    d = ctx.spool.results_dir(study_uid)
     if not d.is_dir():
         return None
     delivered = None
-    outbox = getattr(node, "outbox", None)
+    outbox = ctx.outbox
     if outbox is not None:
-        delivered = {r.sop_instance_uid for r in outbox.rows_for(study_uid) if r.state == "sent"}
+        delivered = {r.sop_instance_uid for r in outbox.rows_for(study_uid) if r.state == OutboxState.SENT}
     srs = []
     for p in d.glob("SR_*.dcm"):
         if delivered is not None and p.stem[3:] not in delivered:
@@ -280,11 +205,11 @@ def _predecessor(node, study_uid: str) -> Optional[pydicom.Dataset]:
     return pydicom.dcmread(srs[-1][1], stop_before_pixels=True)
 
 
-def process_study(node, study_uid: str) -> dict:
+def process_study(ctx: NodeContext, study_uid: str) -> dict:
     """Run the whole pipeline for one study.  Returns a summary (also logged)."""
-    cfg = node.config
-    journal = node.journal
-    timer = _Timer()
+    cfg = ctx.config
+    journal = ctx.journal
+    timer = _Timer(metrics=ctx.metrics)
     t_all = time.monotonic()
     written: list = []
 
@@ -301,15 +226,15 @@ def process_study(node, study_uid: str) -> dict:
         t0 = time.monotonic()
         instances = journal.study_instances(study_uid)
         runs, skipped = _classify_instances(instances, [m.upper() for m in cfg.processing.modalities])
-        timer.record("frames", time.monotonic() - t0, node)
+        timer.record("frames", time.monotonic() - t0)
 
         stage("selector")
         t0 = time.monotonic()
         try:
-            selections = run_with_timeout("selector", cfg.processing.selector_timeout_s, _select, node, runs) if runs else []
+            selections = run_with_timeout("selector", cfg.processing.selector_timeout_s, _select, ctx, runs) if runs else []
         except StageTimeout as exc:
             raise StageError("selector", str(exc)) from None
-        timer.record("selector", time.monotonic() - t0, node)
+        timer.record("selector", time.monotonic() - t0)
         for r in selections:
             if not r.ok:
                 skipped.append({"sop_instance_uid": r.sop_instance_uid, "reason": r.error or "no usable frame"})
@@ -320,7 +245,7 @@ def process_study(node, study_uid: str) -> dict:
         if usable:
             stage("lesions")
             t0 = time.monotonic()
-            lesion_model = _lesion_model(node)
+            lesion_model = ctx.models.lesion_model()
             if lesion_model is not None:
                 from inference.lesions import lesions_on_key_frames
 
@@ -329,13 +254,13 @@ def process_study(node, study_uid: str) -> dict:
                                                lesion_model, usable, min_confidence=cfg.lesions.min_confidence)
                 except StageTimeout as exc:
                     raise StageError("lesions", str(exc)) from None
-            timer.record("lesions", time.monotonic() - t0, node)
+            timer.record("lesions", time.monotonic() - t0)
 
         stage("vlm")
         t0 = time.monotonic()
         languages = list(cfg.processing.languages)
         if usable:
-            backend = _vlm(node)
+            backend = ctx.models.vlm()
             from inference.reporting import findings_from_lesions, templated_report
 
             concepts = findings_from_lesions(lesions) if lesion_model is not None else None
@@ -353,7 +278,7 @@ def process_study(node, study_uid: str) -> dict:
 
                 def _vlm_stage():
                     # report_study gives the concepts only to a model trained with them
-                    return report_study(backend, _key_images(node, usable), languages=languages, concepts=concepts)
+                    return report_study(backend, _key_images(ctx, usable), languages=languages, concepts=concepts)
 
                 try:
                     report = run_with_timeout("vlm", cfg.processing.vlm_timeout_s, _vlm_stage)
@@ -361,19 +286,18 @@ def process_study(node, study_uid: str) -> dict:
                     raise StageError("vlm", str(exc)) from None
         else:
             report = _no_runs_report(selections, skipped, languages)
-        timer.record("vlm", time.monotonic() - t0, node)
+        timer.record("vlm", time.monotonic() - t0)
 
         stage("encode")
         t0 = time.monotonic()
-        model_info = _bundle(node).model_info()
+        model_info = ctx.models.bundle.model_info()
         from inference.vlm.findings import language_discrepancies
 
         discrepancies = language_discrepancies(report) if usable else []
         if discrepancies:
             log.warning("study %s: the language drafts disagree: %s", study_uid, "; ".join(discrepancies))
-            metrics = getattr(node, "metrics", None)
-            if metrics is not None and hasattr(metrics, "draft_disagreements"):
-                metrics.draft_disagreements.inc()
+            if ctx.metrics is not None:
+                ctx.metrics.draft_disagreements.inc()
         result = StudyResult(
             study_instance_uid=study_uid,
             runs=usable,
@@ -389,27 +313,25 @@ def process_study(node, study_uid: str) -> dict:
             from dicom_node.sr import build_sr
 
             headers = _read_headers([str(i.path) for i in instances])
-            predecessor = _predecessor(node, study_uid)
+            predecessor = _predecessor(ctx, study_uid)
             sr = build_sr(headers, result, predecessor=predecessor)
             outs = [("SR", sr)]
             if cfg.processing.send_kos and any(r.key_frames for r in usable):
                 outs.append(("KO", build_kos(headers, result)))
             written = []
-            for kind, ds in outs:
-                p = results_dir(node, study_uid) / f"{kind}_{ds.SOPInstanceUID}.dcm"
-                _atomic_write(ds, p)
-                written.append((kind, str(ds.SOPInstanceUID), p))
+            for kind, ds in outs:  # durably, as storage.fsync says
+                written.append((kind, str(ds.SOPInstanceUID), ctx.spool.write_result(study_uid, kind, ds)))
             return written
 
         try:
             written = run_with_timeout("encode", cfg.processing.encode_timeout_s, _encode)
         except StageTimeout as exc:
             raise StageError("encode", str(exc)) from None
-        timer.record("encode", time.monotonic() - t0, node)
+        timer.record("encode", time.monotonic() - t0)
 
         # One commit: state reported + job done + outbox rows (older unsent results of
         # this study superseded).  A reopened study's results are stale: dropped.
-        outbox = getattr(node, "outbox", None)
+        outbox = ctx.outbox
         items = [(sop_uid, str(path)) for _kind, sop_uid, path in written]
 
         def _in_tx(session):
@@ -418,7 +340,7 @@ def process_study(node, study_uid: str) -> dict:
 
         if not journal.publish_results(study_uid, _in_tx):
             raise StaleStudy(study_uid)
-        timer.record("total", time.monotonic() - t_all, node)
+        timer.record("total", time.monotonic() - t_all)
         summary = {
             "study_uid": study_uid,
             "runs": len(selections),
@@ -448,9 +370,8 @@ def process_study(node, study_uid: str) -> dict:
 
 
 def _save_timings(journal, study_uid: str, timings: dict) -> None:
-    fn = getattr(journal, "set_study_timings", None)
-    if fn is not None and timings:
+    if timings:
         try:
-            fn(study_uid, timings)
+            journal.set_study_timings(study_uid, timings)
         except Exception:  # timings are informative only
             log.debug("could not save timings", exc_info=True)

@@ -48,6 +48,7 @@ STRICT_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 # study that can never get a result.
 _PATH_SAFE = re.compile(r"^[0-9][0-9A-Za-z._-]{0,63}$")
 TMP_DIR = ".tmp"
+RESULTS_DIR = "results"  # the node's own SR/KOS: <spool>/results/<study>/
 PREAMBLE = b"\x00" * 128 + b"DICM"
 
 
@@ -152,7 +153,34 @@ class Spool:
                 raise ValueError(f"UID not safe as a path component: {uid[:80]!r}")
         return self.root / study_uid / series_uid / f"{sop_instance_uid}.dcm"
 
+    def results_dir(self, study_uid: str) -> Path:
+        """Where the node's results (SR, KOS) for a study live: ``<spool>/results/<study>``."""
+        if not uid_is_path_safe(study_uid):
+            raise ValueError(f"UID not safe as a path component: {study_uid[:80]!r}")
+        return self.root / RESULTS_DIR / study_uid
+
     # -- writing ------------------------------------------------------------
+    def write_result(self, study_uid: str, kind: str, ds) -> Path:
+        """Write a result data set (``kind`` ``SR`` or ``KO``) as a Part 10 file,
+        ``results/<study>/<kind>_<SOPInstanceUID>.dcm``, with the spool's write order (temp file,
+        fsync when ``storage.fsync``, rename, directory fsync); returns its path."""
+        uid = str(ds.SOPInstanceUID)
+        if not uid_is_path_safe(uid) or not kind.isalnum():
+            raise ValueError(f"not a safe result name: {kind!r} {uid[:80]!r}")
+        final = self.results_dir(study_uid) / f"{kind}_{uid}.dcm"
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        data = buf.getbuffer()
+
+        def write(f) -> None:
+            _write_all(f, data)
+
+        try:
+            self._write_and_place(final, write)
+        finally:
+            data.release()
+        return final
+
     def store(self, study_uid: str, series_uid: str, sop_instance_uid: str, file_meta: "FileMeta",
               dataset: BinaryIO | bytes | memoryview) -> StoredFile:
         """Write one instance durably; raise ``SpoolFull`` / ``ValueError`` / ``OSError``."""

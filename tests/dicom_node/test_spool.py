@@ -111,3 +111,25 @@ def test_adopt_renames_or_rewrites_the_head(tmp_path):
     assert not list(sp.tmp.iterdir())
     with pytest.raises(SpoolFull):
         Spool(tmp_path / "s", min_free_mb=10**12).adopt("1.2", "1.2.3", "1.2.3.4", meta, src, meta.encode())
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+def test_results_are_written_through_the_spool_as_storage_fsync_says(tmp_path, monkeypatch, fsync):
+    import os
+
+    from pydicom.uid import generate_uid
+
+    ds = make_dataset("1.2.3")
+    ds.SOPInstanceUID = generate_uid()
+    spool = Spool(tmp_path / "spool", fsync=fsync)
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    path = spool.write_result("1.2.3", "SR", ds)
+    assert path == tmp_path / "spool" / "results" / "1.2.3" / f"SR_{ds.SOPInstanceUID}.dcm"
+    assert path.parent == spool.results_dir("1.2.3")
+    assert pydicom.dcmread(path).SOPInstanceUID == ds.SOPInstanceUID
+    assert list(spool.tmp.iterdir()) == []  # written in .tmp, then renamed
+    assert (len(synced) > 0) is fsync  # file and directories only when storage.fsync
+    with pytest.raises(ValueError):
+        spool.write_result("../x", "SR", ds)
