@@ -124,35 +124,6 @@ def _select(ctx: NodeContext, runs) -> list[RunSelection]:
     return out
 
 
-def _key_images(ctx: NodeContext, selections: list[RunSelection]) -> dict[str, list]:
-    """The key frames per side, best first, at most vlm.max_images in all."""
-    by_side: dict[str, list[tuple[float, str, int]]] = {"LCA": [], "RCA": []}
-    for r in selections:
-        if not r.ok:
-            continue
-        for k in r.key_frames:
-            by_side[r.laterality].append((k.score, r.file, k.frame_number))
-    limit = ctx.config.vlm.max_images
-    images: dict[str, list] = {}
-    per_side = max(1, limit // max(1, sum(1 for v in by_side.values() if v)))
-    for side, items in by_side.items():
-        items.sort(key=lambda t: -t[0])
-        chosen = items[:per_side]
-        frames = []
-        by_file: dict[str, list[int]] = {}
-        for _, f, n in chosen:
-            by_file.setdefault(f, []).append(n)
-        from inference.frames import read_frames
-
-        decoded = {f: read_frames(f, ns) for f, ns in by_file.items()}
-        for _, f, n in chosen:
-            if n in decoded[f]:
-                frames.append(decoded[f][n])
-        if frames:
-            images[side] = frames
-    return images
-
-
 def _no_runs_report(selections: list[RunSelection], skipped: list[dict], languages) -> dict[str, ReportText]:
     n_err = sum(1 for r in selections if not r.ok)
     en = ReportText(
@@ -274,11 +245,14 @@ def process_study(ctx: NodeContext, study_uid: str) -> dict:
                     for lang in languages
                 }
             else:
+                from inference.keyimages import key_images
                 from inference.vlm import report_study
 
                 def _vlm_stage():
-                    # report_study gives the concepts only to a model trained with them
-                    return report_study(backend, _key_images(ctx, usable), languages=languages, concepts=concepts)
+                    # the one image policy (as `cag-node report`); the concepts go only to a
+                    # model trained with them
+                    return report_study(backend, key_images(usable, backend.max_images), languages=languages,
+                                        concepts=concepts)
 
                 try:
                     report = run_with_timeout("vlm", cfg.processing.vlm_timeout_s, _vlm_stage)

@@ -83,7 +83,7 @@ def run(args) -> int:
         print("cag-node report: no run could be analysed", file=sys.stderr)
         return 1
 
-    from inference.frames import read_frame
+    from inference.keyimages import key_images
     from inference.reporting import findings_from_lesions, templated_report
     from inference.vlm import ReportError, load_backend, report_study
 
@@ -118,8 +118,8 @@ def run(args) -> int:
             t_load = time.monotonic() - t1
         t2 = time.monotonic()
         if backend is not None:  # report_study gives the concepts only to a model trained with them
-            report = report_study(backend, ok, lambda run, n: read_frame(run.file, n), languages=langs,
-                                  concepts=concepts)
+            report = report_study(backend, key_images(ok, backend.max_images), languages=langs,
+                                  concepts=concepts)  # the node's image policy
     except (ReportError, ImportError, OSError, ValueError) as exc:
         print(f"cag-node report: VLM failed: {exc}", file=sys.stderr)
         return 1

@@ -13,6 +13,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from inference.keyimages import key_images, select_images  # noqa: F401  (select_images: re-exported)
 from inference.types import LANGUAGES, SEGMENTS, SIDES, ModelInfo, ReportText
 
 # Section headers the model is asked for (first one of each list) and those the parser accepts.
@@ -201,35 +202,6 @@ def parse_report(text: str, language: str) -> ReportText:
                       recommendation=out["recommendation"], format_ok=True)
 
 
-def select_images(images_by_side: dict[str, Sequence[np.ndarray]], max_images: int
-                  ) -> tuple[list[np.ndarray], list[str]]:
-    """Choose up to ``max_images`` frames for one study, LCA first then RCA.
-
-    Frames of each side are taken best first; the budget is shared round-robin between the
-    sides present, so both are shown when both exist.  Training uses the same function.
-    """
-    order = [s for s in SIDES if images_by_side.get(s)] + \
-        [s for s in images_by_side if s not in SIDES and images_by_side.get(s)]
-    take = {s: 0 for s in order}
-    budget = max(1, int(max_images))
-    while budget > 0:
-        progressed = False
-        for s in order:
-            if budget > 0 and take[s] < len(images_by_side[s]):
-                take[s] += 1
-                budget -= 1
-                progressed = True
-        if not progressed:
-            break
-    images: list[np.ndarray] = []
-    sides: list[str] = []
-    for s in order:
-        for img in list(images_by_side[s])[: take[s]]:
-            images.append(img)
-            sides.append(s)
-    return images, sides
-
-
 def to_uint8(image: np.ndarray) -> np.ndarray:
     a = np.asarray(image, dtype=np.float32)
     if a.ndim == 3 and a.shape[0] == 1:
@@ -314,18 +286,9 @@ def report_study(backend: ReportBackend, images_by_side, frames_for=None,
     may always pass what it has.
     """
     if not isinstance(images_by_side, dict):
-        runs = list(images_by_side)
         if frames_for is None:
             raise TypeError("report_study(runs, ...) needs frames_for(run, frame_number)")
-        by_side: dict[str, list[np.ndarray]] = {}
-        # Best key frame of every run first, then the second ones, ... (runs by confidence).
-        ranked = sorted((r for r in runs if r.ok), key=lambda r: -r.confidence)
-        depth = max((len(r.key_frames) for r in ranked), default=0)
-        for d in range(depth):
-            for r in ranked:
-                if d < len(r.key_frames):
-                    by_side.setdefault(r.laterality, []).append(frames_for(r, r.key_frames[d].frame_number))
-        images_by_side = by_side
+        images_by_side = key_images(list(images_by_side), backend.max_images, frames_for)
     if isinstance(languages, str):
         languages = (languages,)
     images, sides = select_images(images_by_side, backend.max_images)

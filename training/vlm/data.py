@@ -31,7 +31,7 @@ from typing import Optional
 import numpy as np
 
 from inference.types import LANGUAGES, SIDES
-from inference.vlm.base import select_images
+from inference.keyimages import select_images
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
@@ -62,7 +62,7 @@ class StudyExample:
         return out
 
     def frames(self, max_images: int, rng: Optional[random.Random] = None) -> tuple[list[FrameRef], list[str]]:
-        """The frames the model sees (same presentation as serving: ``select_images``)."""
+        """The frames the model sees (the serving policy's ``inference.keyimages.select_images``)."""
         return select_images(self.images_by_side(rng), max_images)
 
 
