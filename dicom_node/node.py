@@ -27,6 +27,7 @@ from typing import Callable, Optional
 
 import sqlalchemy as sa
 
+from dicom_node import pynetdicom_ext
 from dicom_node.admin import AdminServer
 from dicom_node.config import Config
 from dicom_node.context import Models, NodeContext
@@ -125,6 +126,7 @@ class Node:
                                    metrics=self.metrics, outbox=self.outbox)
         workflow = self._start_workflow()
 
+        pynetdicom_ext.install()  # once per process: socket reads, streaming reception into the spool
         self.scp = StorageSCP(cfg, self.spool, self.journal, self.metrics, on_stored=self._on_stored,
                               workflow=workflow)
         host, port = self.scp.start()

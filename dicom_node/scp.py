@@ -1,5 +1,10 @@
 """The DICOM listener: C-ECHO and C-STORE over pynetdicom, optionally over TLS.
 
+Its parts: :mod:`dicom_node.dicomheader` walks a received data set's raw header (pure, no I/O);
+:mod:`dicom_node.pynetdicom_ext` holds the version-checked pynetdicom extensions (socket reads,
+streaming reception into the spool), installed once by ``Node.start``; this module is the AE,
+its association policy, TLS and the one durable store path (``StorageSCP.store``).
+
 Why it looks the way it does:
 
 * The C-STORE handler does as little as possible and returns fast: it never
@@ -33,34 +38,27 @@ Each refusal is journaled in ``rejections`` and counted in the metrics.
 from __future__ import annotations
 
 import errno
-import hashlib
 import ipaddress
 import logging
-import mmap
-import os
 import ssl
-import struct
-import threading
 import time
-import uuid
-import zlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from pydicom.uid import UID
-from pynetdicom import AE, _config as pnd_config, evt
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-from pynetdicom.sop_class import Verification, _STORAGE_CLASSES
+from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification
 
+from dicom_node import pynetdicom_ext
 from dicom_node.config import Config
+from dicom_node.dicomheader import (  # noqa: F401  (re-exported: the listener's walker)
+    DEFLATED_LE, EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE, MalformedDataset, parse_header, processable)
 from dicom_node.journal import Journal, RecordResult
 from dicom_node.metrics import NodeMetrics
-from dicom_node.spool import FileMeta, Spool, SpoolFull, _write_all, uid_is_path_safe, uid_is_valid
+from dicom_node.pynetdicom_ext import RxFile
+from dicom_node.spool import FileMeta, Spool, SpoolFull, uid_is_path_safe, uid_is_valid
 
 log = logging.getLogger(__name__)
-
-# pynetdicom's "standard" DIMSE/PDU log handlers cost time per PDU; we log ourselves.
-pnd_config.LOG_HANDLER_LEVEL = "none"
 
 ST_SUCCESS = 0x0000
 ST_OUT_OF_RESOURCES = 0xA700
@@ -69,10 +67,6 @@ ST_MISSING_UID = 0xC211
 ST_UNSAFE_UID = 0xC212
 ST_INTERNAL = 0xC213
 
-IMPLICIT_LE = "1.2.840.10008.1.2"
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
-DEFLATED_LE = "1.2.840.10008.1.2.1.99"
-EXPLICIT_BE = "1.2.840.10008.1.2.2"
 
 # Stored exactly as received; none of them is decoded here.
 TRANSFER_SYNTAXES = [
@@ -110,393 +104,9 @@ PRIVATE_STORAGE_CLASSES = [
 
 
 def storage_sop_classes() -> list[str]:
-    return sorted(set(_STORAGE_CLASSES.values()) | set(PRIVATE_STORAGE_CLASSES))
-
-
-# ---------------------------------------------------------------------------
-# Raw data set walking (no pydicom decode)
-# ---------------------------------------------------------------------------
-class MalformedDataset(ValueError):
-    pass
-
-
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-_UNDEFINED = 0xFFFFFFFF
-_MAX_DEPTH = 32
-
-TAG_SOP_CLASS = 0x00080016
-TAG_SOP_INSTANCE = 0x00080018
-TAG_MODALITY = 0x00080060
-TAG_PATIENT_ID = 0x00100020
-TAG_STUDY_UID = 0x0020000D
-TAG_SERIES_UID = 0x0020000E
-TAG_N_FRAMES = 0x00280008
-TAG_PIXEL_DATA = 0x7FE00010
-TAG_FLOAT_PIXEL_DATA = 0x7FE00008
-TAG_DOUBLE_PIXEL_DATA = 0x7FE00009
-_WANTED = {TAG_SOP_CLASS, TAG_SOP_INSTANCE, TAG_MODALITY, TAG_PATIENT_ID, TAG_STUDY_UID, TAG_SERIES_UID,
-           TAG_N_FRAMES}
-_PIXELS = {TAG_PIXEL_DATA, TAG_FLOAT_PIXEL_DATA, TAG_DOUBLE_PIXEL_DATA}
-
-
-def _walk(buf: memoryview, pos: int, end: int, implicit: bool, e: str, found: Optional[dict], depth: int,
-          nested: bool) -> int:
-    """Walk one data set's element headers; return the position after it.
-
-    ``nested``: an item of undefined length, which must end with an Item
-    Delimitation item.  Values are skipped, except top-level wanted tags.
-    """
-    if depth > _MAX_DEPTH:
-        raise MalformedDataset("sequences nested too deep")
-    hdr = struct.Struct(e + "HHI")
-    short = struct.Struct(e + "HH2sH")
-    while pos < end:
-        if end - pos < 8:
-            if not nested and not any(buf[pos:end]):  # tolerate trailing zero padding
-                return end
-            raise MalformedDataset(f"truncated element header at offset {pos}")
-        group, elem, length = hdr.unpack_from(buf, pos)
-        tag = (group << 16) | elem
-        if group == 0xFFFE:
-            if nested and elem == 0xE00D:
-                return pos + 8
-            raise MalformedDataset(f"unexpected delimiter ({group:04X},{elem:04X}) at offset {pos}")
-        vr = None
-        if implicit:
-            pos += 8
-        else:
-            _, _, vr, length16 = short.unpack_from(buf, pos)
-            if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
-                raise MalformedDataset(f"invalid VR at offset {pos}")
-            if vr in _LONG_VRS:
-                if end - pos < 12:
-                    raise MalformedDataset(f"truncated element header at offset {pos}")
-                (length,) = struct.unpack_from(e + "I", buf, pos + 8)
-                pos += 12
-            else:
-                length = length16
-                pos += 8
-        if length == _UNDEFINED:
-            if vr is not None and vr not in (b"SQ", b"UN", b"OB", b"OW"):
-                raise MalformedDataset(f"undefined length with VR {vr!r} at offset {pos}")
-            # UN of undefined length holds an implicit-VR LE sequence (PS3.5 6.2.2)
-            items_implicit = implicit or vr == b"UN"
-            pos = _skip_items(buf, pos, end, items_implicit, "<" if vr == b"UN" else e, depth + 1)
-            if found is not None and tag in _PIXELS:
-                found[tag] = b""
-            continue
-        if pos + length > end:
-            raise MalformedDataset(f"element ({group:04X},{elem:04X}) runs past the end of the data set "
-                                   f"({length} bytes at offset {pos} of {end})")
-        if found is not None and (tag in _WANTED or tag in _PIXELS):
-            found[tag] = bytes(buf[pos:pos + length]) if tag in _WANTED else b""
-        pos += length
-    if nested:
-        raise MalformedDataset("item without its delimiter")
-    return pos
-
-
-def _skip_items(buf: memoryview, pos: int, end: int, implicit: bool, e: str, depth: int) -> int:
-    """Skip the items of an undefined-length sequence or encapsulated pixel data."""
-    hdr = struct.Struct(e + "HHI")
-    while True:
-        if end - pos < 8:
-            raise MalformedDataset(f"truncated sequence at offset {pos}")
-        group, elem, length = hdr.unpack_from(buf, pos)
-        if group != 0xFFFE:
-            raise MalformedDataset(f"expected an item at offset {pos}")
-        pos += 8
-        if elem == 0xE0DD:
-            return pos
-        if elem != 0xE000:
-            raise MalformedDataset(f"unexpected ({group:04X},{elem:04X}) in a sequence")
-        if length == _UNDEFINED:
-            pos = _walk(buf, pos, end, implicit, e, None, depth + 1, nested=True)
-        else:
-            if pos + length > end:
-                raise MalformedDataset(f"item runs past the end of the data set at offset {pos}")
-            pos += length
-
-
-@dataclass(frozen=True)
-class Header:
-    """The few header values the listener needs (no PHI kept besides a hash)."""
-
-    sop_class_uid: Optional[str]
-    sop_instance_uid: Optional[str]
-    study_uid: Optional[str]
-    series_uid: Optional[str]
-    modality: Optional[str]
-    n_frames: Optional[int]
-    has_pixels: bool
-    patient_hash: Optional[str]
-
-
-def _text(b: Optional[bytes]) -> Optional[str]:
-    if b is None:
-        return None
-    s = b.rstrip(b"\x00 ").lstrip(b" ").decode("ascii", "replace")
-    return s or None
-
-
-def parse_header(data: memoryview | bytes, transfer_syntax: str) -> Header:
-    """Check the raw data set is structurally complete and extract the header values."""
-    buf = memoryview(data)
-    if transfer_syntax == DEFLATED_LE:
-        try:
-            buf = memoryview(zlib.decompress(buf, -zlib.MAX_WBITS))
-        except zlib.error as exc:
-            raise MalformedDataset(f"deflated data set does not inflate: {exc}") from None
-    implicit = transfer_syntax == IMPLICIT_LE
-    e = ">" if transfer_syntax == EXPLICIT_BE else "<"
-    found: dict[int, bytes] = {}
-    try:
-        _walk(buf, 0, len(buf), implicit, e, found, 0, nested=False)
-    except struct.error as exc:  # pragma: no cover - guarded by length checks
-        raise MalformedDataset(str(exc)) from None
-    n_frames = None
-    nf = _text(found.get(TAG_N_FRAMES))
-    if nf:
-        try:
-            n_frames = int(nf)
-        except ValueError:
-            n_frames = None
-    pid = found.get(TAG_PATIENT_ID)
-    phash = hashlib.sha256(pid.rstrip(b"\x00 ")).hexdigest()[:16] if pid else None
-    modality = _text(found.get(TAG_MODALITY))
-    return Header(
-        sop_class_uid=_text(found.get(TAG_SOP_CLASS)),
-        sop_instance_uid=_text(found.get(TAG_SOP_INSTANCE)),
-        study_uid=_text(found.get(TAG_STUDY_UID)),
-        series_uid=_text(found.get(TAG_SERIES_UID)),
-        modality=modality.upper() if modality else None,
-        n_frames=n_frames,
-        has_pixels=bool(_PIXELS & found.keys()),
-        patient_hash=phash,
-    )
-
-
-def processable(header: Header, sop_class_uid: str, modalities: list[str]) -> tuple[bool, Optional[str]]:
-    """Is this instance a run the pipeline analyses?  (False, reason) otherwise."""
-    if (header.modality or "") not in modalities:
-        return False, f"modality {header.modality or '(none)'} is not processed"
-    name = UID(sop_class_uid).name if sop_class_uid else ""
-    if "Image Storage" not in name:
-        return False, f"SOP class {sop_class_uid} is not an image"
-    if not header.has_pixels:
-        return False, "no pixel data"
-    return True, None
-
-
-# ---------------------------------------------------------------------------
-# Faster socket reads
-# ---------------------------------------------------------------------------
-_PREALLOC_MAX = 32 * 1024 * 1024
-
-
-def _fast_recv(self, nr_bytes: int) -> bytearray:
-    """``AssociationSocket.recv`` with ``recv_into`` instead of 4 KiB ``recv`` calls.
-
-    pynetdicom 3.0 reads a PDU 4096 bytes per Python-level call, which makes the
-    receiver CPU-bound on large multi-frame instances.  Same contract: return
-    what was read (shorter only when the peer closed the connection).  The
-    buffer is preallocated up to 32 MiB; beyond that (a PDU length announced by
-    a peer is untrusted) it grows as data actually arrives.
-    """
-    sock = self.socket
-    if nr_bytes <= _PREALLOC_MAX:
-        buf = bytearray(nr_bytes)
-        view = memoryview(buf)
-        got = 0
-        try:
-            while got < nr_bytes:
-                n = sock.recv_into(view[got:], nr_bytes - got)
-                if not n:
-                    break
-                got += n
-        finally:
-            view.release()
-        if got < nr_bytes:
-            del buf[got:]
-        return buf
-    out = bytearray()
-    chunk = bytearray(1 << 20)
-    view = memoryview(chunk)
-    try:
-        while len(out) < nr_bytes:
-            n = sock.recv_into(view, min(len(chunk), nr_bytes - len(out)))
-            if not n:
-                break
-            out += view[:n]
-    finally:
-        view.release()
-    return out
-
-
-def install_fast_recv() -> None:
-    """Patch pynetdicom's socket read (pinned pynetdicom 3.0.x only)."""
-    import pynetdicom
-    from pynetdicom.transport import AssociationSocket
-
-    if pynetdicom.__version__.startswith("3.0.") and AssociationSocket.recv is not _fast_recv:
-        AssociationSocket.recv = _fast_recv
-
-
-# ---------------------------------------------------------------------------
-# Streaming reception
-# ---------------------------------------------------------------------------
-RX_PREFIX = "rx-"
-
-
-class RxFile:
-    """Where pynetdicom streams an incoming C-STORE data set (``STORE_RECV_CHUNKED_DATASET``).
-
-    Stands in for the ``NamedTemporaryFile`` pynetdicom would create in the
-    system temp directory: the file is ``<spool>/.tmp/rx-*.dcm`` (same
-    filesystem as the spool, so accepting it is an fsync and a rename), its
-    File Meta group is the node's own (``FileMeta``, built from the request's
-    UIDs and the calling AE, so in the usual case the file is already what the
-    spool stores), and the P-DATA fragments are appended as they arrive: memory
-    no longer grows with the instance size.  A write error (disk full) is
-    remembered rather than raised in pynetdicom's DUL thread (which would abort
-    the association) and the partial file is removed at once; the handler then
-    answers 0xA700.  When the spool is already below ``storage.min_free_mb``
-    at the start of a data set, nothing is written at all.
-    """
-
-    def __init__(self, spool: Spool, calling_aet: str):
-        self.path = spool.tmp / f"{RX_PREFIX}{uuid.uuid4().hex}.dcm"
-        self.name = str(self.path)
-        self.file = self  # pynetdicom calls ``.file.flush()`` after each fragment
-        self.calling_aet = calling_aet
-        self.head: Optional[bytes] = None  # preamble + File Meta as written
-        self.error: Optional[OSError] = None
-        self.refused: Optional[str] = None
-        self.claimed = False  # a C-STORE handler took it (pynetdicom then unlinks it)
-        self._f = None
-        if not spool.has_space():
-            self.refused = f"free space below storage.min_free_mb={spool.min_free_mb}"
-            return
-        try:
-            self._f = open(self.path, "xb", buffering=0)
-        except OSError as exc:
-            self.error = exc
-
-    def write(self, data) -> int:
-        n = len(data)
-        if self._f is not None:
-            try:
-                _write_all(self._f, memoryview(data))
-            except OSError as exc:
-                self.error = exc
-                self.discard()
-        return n
-
-    def write_head(self, head: bytes) -> None:
-        """pynetdicom has written the 128-byte preamble and ``DICM``; add the File Meta group."""
-        self.head = head
-        self.write(head[len(b"\x00" * 128 + b"DICM"):])
-
-    def flush(self) -> None:
-        pass
-
-    def fileno(self) -> int:
-        if self._f is None:
-            raise ValueError("no file")
-        return self._f.fileno()
-
-    def close(self) -> None:
-        f, self._f = self._f, None
-        if f is not None:
-            f.close()
-
-    def discard(self) -> None:
-        """Close and remove (nothing was acknowledged from it)."""
-        self.close()
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
-
-
-_pnd_orig: dict = {}
-
-
-def _rx_target():
-    """(StorageSCP, Association) when the running thread is the DUL thread of one of our associations."""
-    assoc = getattr(threading.current_thread(), "assoc", None)  # pynetdicom's DULServiceProvider
-    scp = getattr(getattr(assoc, "ae", None), "_cag_scp", None)
-    return (scp, assoc) if scp is not None else (None, None)
-
-
-def _rx_named_temporary_file(*args, **kwargs):
-    scp, assoc = _rx_target()
-    if scp is None:  # another in-process SCP (a test's or the demo PACS): pynetdicom's default
-        return _pnd_orig["NamedTemporaryFile"](*args, **kwargs)
-    rx = RxFile(scp.spool, assoc.requestor.ae_title)
-    pending = assoc.__dict__.setdefault("_cag_rx", set())
-    pending.add(rx)
-    return rx
-
-
-def _rx_create_file_meta(**kwargs):
-    if _rx_target()[0] is None:
-        return _pnd_orig["create_file_meta"](**kwargs)
-    return dict(kwargs)  # consumed by _rx_write_file_meta_info (never decoded/validated by pydicom)
-
-
-def _rx_write_file_meta_info(fp, file_meta, *args, **kwargs):
-    if not isinstance(fp, RxFile) or not isinstance(file_meta, dict):
-        return _pnd_orig["write_file_meta_info"](fp, file_meta, *args, **kwargs)
-    meta = FileMeta(sop_class_uid=str(file_meta.get("sop_class_uid") or ""),
-                    sop_instance_uid=str(file_meta.get("sop_instance_uid") or ""),
-                    transfer_syntax=str(file_meta.get("transfer_syntax") or ""),
-                    implementation_class_uid=PYNETDICOM_IMPLEMENTATION_UID,
-                    implementation_version=PYNETDICOM_IMPLEMENTATION_VERSION, source_aet=fp.calling_aet)
-    fp.write_head(meta.encode())
-
-
-def install_streaming_reception() -> bool:
-    """Turn on pynetdicom's chunked C-STORE reception, with its files in our spools.
-
-    ``STORE_RECV_CHUNKED_DATASET`` is process-wide: other in-process SCPs then
-    get ``event.dataset`` decoded from a temp file in the system temp dir
-    (pynetdicom's own behaviour).  Only pinned pynetdicom 3.0.x is patched;
-    otherwise reception stays in memory (the handler supports both).
-    """
-    import pynetdicom
-    from pynetdicom import dimse_messages as dm
-
-    if not pynetdicom.__version__.startswith("3.0."):
-        return False
-    if not all(hasattr(dm, n) for n in ("NamedTemporaryFile", "create_file_meta", "write_file_meta_info")):
-        return False  # pragma: no cover
-    if dm.NamedTemporaryFile is not _rx_named_temporary_file:
-        _pnd_orig.update(NamedTemporaryFile=dm.NamedTemporaryFile, create_file_meta=dm.create_file_meta,
-                         write_file_meta_info=dm.write_file_meta_info)
-        dm.NamedTemporaryFile = _rx_named_temporary_file
-        dm.create_file_meta = _rx_create_file_meta
-        dm.write_file_meta_info = _rx_write_file_meta_info
-    pnd_config.STORE_RECV_CHUNKED_DATASET = True
-    return True
-
-
-def _discard_unclaimed(assoc) -> None:
-    """Remove data sets that were being received when the association ended (never acknowledged)."""
-    pending = assoc.__dict__.get("_cag_rx")
-    if not pending:
-        return
-    for rx in list(pending):
-        if not rx.claimed:
-            rx.discard()
-            pending.discard(rx)
-
-
-def _map_dataset(rx: RxFile) -> tuple[mmap.mmap, memoryview]:
-    """The received data set (after the head) as a read-only memory map: parsed without being read."""
-    with open(rx.path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    return mm, memoryview(mm)[len(rx.head):]
+    """Every storage SOP class pynetdicom knows (its public ``AllStoragePresentationContexts``)
+    and the private ones above."""
+    return sorted({str(cx.abstract_syntax) for cx in AllStoragePresentationContexts} | set(PRIVATE_STORAGE_CLASSES))
 
 
 # ---------------------------------------------------------------------------
@@ -574,8 +184,8 @@ class StorageSCP:
         self.on_stored = on_stored
         self.modalities = [m.upper() for m in config.processing.modalities]
         self._networks = [ipaddress.ip_network(h, strict=False) for h in config.node.allowed_hosts]
-        install_fast_recv()
-        self.streaming = install_streaming_reception()
+        # pynetdicom_ext.install() (Node.start) decides; without it, reception is in memory
+        self.streaming = pynetdicom_ext.streaming()
         self.ae = self._build_ae()
         self.server = None
         self._address: tuple[str, int] = (config.node.host, config.node.port)
@@ -678,11 +288,11 @@ class StorageSCP:
         self.metrics.association(True)
 
     def _on_conn_close(self, event) -> None:
-        _discard_unclaimed(event.assoc)
+        pynetdicom_ext.discard_unclaimed(event.assoc)
 
     def _on_closed(self, event) -> None:
         a = event.assoc
-        _discard_unclaimed(a)
+        pynetdicom_ext.discard_unclaimed(a)
         stats = getattr(a, "_cag_stats", None)
         if stats is None:
             return
@@ -712,13 +322,9 @@ class StorageSCP:
         ts = str(event.context.transfer_syntax)
         rq_class = str(req.AffectedSOPClassUID or "")
         rq_inst = str(req.AffectedSOPInstanceUID or "")
-        rx = getattr(req, "_dataset_file", None)
+        rx = pynetdicom_ext.received_file(event)
         mm = None
-        if isinstance(rx, RxFile):  # streamed to <spool>/.tmp as it arrived
-            rx.claimed = True
-            pending = event.assoc.__dict__.get("_cag_rx")
-            if pending is not None:
-                pending.discard(rx)
+        if rx is not None:  # streamed to <spool>/.tmp as it arrived
             if rx.refused:
                 return self._refuse(ST_OUT_OF_RESOURCES, rx.refused, calling, rq_class, rq_inst)
             if rx.error is not None or rx.head is None:
@@ -728,7 +334,7 @@ class StorageSCP:
                 rx.discard()
                 return self._refuse(status, f"write failed: {exc}", calling, rq_class, rq_inst)
             try:
-                mm, buf = _map_dataset(rx)
+                mm, buf = pynetdicom_ext.map_dataset(rx)
             except (OSError, ValueError) as exc:
                 rx.discard()
                 return self._refuse(ST_INTERNAL, f"received file unreadable: {exc}", calling, rq_class, rq_inst)

@@ -21,7 +21,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from dicom_node.journal import STUDY_STATES
-from dicom_node.tables import Job, OutboxRow, OutboxState, Study, aware as _aware
+from dicom_node.tables import OutboxRow, OutboxState, Study, aware as _aware
 
 THUMB_SIZE = 320
 

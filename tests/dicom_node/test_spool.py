@@ -11,7 +11,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
 
-from dicom_node.scp import DEFLATED_LE, EXPLICIT_LE, MalformedDataset, parse_header
+from dicom_node.dicomheader import DEFLATED_LE, EXPLICIT_LE, MalformedDataset, parse_header
 from dicom_node.spool import FileMeta, Spool, SpoolFull, uid_is_path_safe, uid_is_valid
 from tests.dicom_node.conftest import make_dataset
 
