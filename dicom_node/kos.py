@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Optional
 
 import highdicom as hd
-from highdicom.sr import CodedConcept, ImageContentItem, RelationshipTypeValues
+from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 
 from dicom_node.sr import (
@@ -31,6 +31,7 @@ from dicom_node.sr import (
     _ensure_uid,
     _finish,
     device_observer_context,
+    frame_items,
     key_frame_references,
     prepare_evidence,
 )
@@ -60,17 +61,9 @@ def kos_description(result: StudyResult) -> str:
     return text[:1024]
 
 
-def build_kos(
-    source_datasets: Sequence[Dataset],
-    result: StudyResult,
-    *,
-    series_uid: Optional[str] = None,
-    instance_number: int = 1,
-    series_number: int = 991,
-    sop_instance_uid: Optional[str] = None,
-    title: CodedConcept = TITLE_FOR_REPORT_ATTACHMENT,
-    institution_name: Optional[str] = None,
-) -> Dataset:
+def build_kos(source_datasets: Sequence[Dataset], result: StudyResult, *, series_uid: Optional[str] = None,
+              instance_number: int = 1, series_number: int = 991, sop_instance_uid: Optional[str] = None,
+              title: CodedConcept = TITLE_FOR_REPORT_ATTACHMENT, institution_name: Optional[str] = None) -> Dataset:
     """Build a KOS that references every key frame of ``result`` (frame-level).
 
     Raises :class:`~dicom_node.sr.EncodingError` when there is no key frame to
@@ -106,14 +99,7 @@ def build_kos(
     container = content[0]
     kept = [it for it in container.ContentSequence if it.ValueType not in ("IMAGE", "COMPOSITE")]
     for _run, ds, kfs in refs:
-        for kf in kfs:
-            kept.append(ImageContentItem(
-                name=SOURCE,
-                referenced_sop_class_uid=ds.SOPClassUID,
-                referenced_sop_instance_uid=ds.SOPInstanceUID,
-                referenced_frame_numbers=[kf.frame_number],
-                relationship_type=RelationshipTypeValues.CONTAINS,
-            ))
+        kept.extend(frame_items(SOURCE, ds, kfs))
     container.ContentSequence = hd.sr.ContentSequence(kept)
 
     now = datetime.datetime.now()

@@ -272,15 +272,8 @@ def process_study(ctx: NodeContext, study_uid: str) -> dict:
             log.warning("study %s: the language drafts disagree: %s", study_uid, "; ".join(discrepancies))
             if ctx.metrics is not None:
                 ctx.metrics.draft_disagreements.inc()
-        result = StudyResult(
-            study_instance_uid=study_uid,
-            runs=usable,
-            report=report,
-            model=model_info,
-            not_analysed=skipped,
-            discrepancies=discrepancies,
-            lesions=lesions,
-        )
+        result = StudyResult(study_instance_uid=study_uid, runs=usable, report=report, model=model_info,
+                             not_analysed=skipped, discrepancies=discrepancies, lesions=lesions)
 
         def _encode():
             from dicom_node.kos import build_kos

@@ -362,15 +362,13 @@ def software_versions(model: ModelInfo) -> list[str]:
     from dicom_node import __version__ as node_version  # noqa: PLC0415
 
     out = [f"cag-node {node_version}", f"{model.name} {model.version}"]
-    if model.selector:
-        out.append(f"selector {model.selector}")
-    if model.vlm:
-        out.append(f"vlm {model.vlm}")
-    if model.adapter:
-        out.append(f"adapter {model.adapter}")
-    if getattr(model, "lesions", ""):
-        out.append(f"lesions {model.lesions}")
+    out += [f"{part} {value}" for part, value in _model_parts(model, ("selector", "vlm", "adapter", "lesions"))]
     return [s[:64] for s in out]
+
+
+def _model_parts(model: ModelInfo, parts) -> list[tuple[str, str]]:
+    """(part, version) of each of ``parts`` the model has."""
+    return [(p, getattr(model, p)) for p in parts if getattr(model, p, "")]
 
 
 def contributing_equipment(model: ModelInfo) -> hd.ContributingEquipment:
@@ -465,16 +463,17 @@ def _run_container(run: RunSelection, ds: Dataset, key_frames: list[KeyFrame]) -
                         relationship_type=RelationshipTypeValues.CONTAINS),
         _text(COMMENT, desc, "result.runs"),
     ]
-    for kf in key_frames:
-        items.append(ImageContentItem(
-            name=KEY_FRAME,
-            referenced_sop_class_uid=ds.SOPClassUID,
-            referenced_sop_instance_uid=ds.SOPInstanceUID,
-            referenced_frame_numbers=[kf.frame_number],
-            relationship_type=RelationshipTypeValues.CONTAINS,
-        ))
+    items.extend(frame_items(KEY_FRAME, ds, key_frames))
     c.ContentSequence = hd.sr.ContentSequence(items)
     return c
+
+
+def frame_items(name: CodedConcept, ds: Dataset, key_frames: list[KeyFrame]) -> list[ImageContentItem]:
+    """One CONTAINS IMAGE item per key frame of run ``ds`` (the SR's Key Images, the KOS)."""
+    return [ImageContentItem(name=name, referenced_sop_class_uid=ds.SOPClassUID,
+                             referenced_sop_instance_uid=ds.SOPInstanceUID,
+                             referenced_frame_numbers=[kf.frame_number],
+                             relationship_type=RelationshipTypeValues.CONTAINS) for kf in key_frames]
 
 
 def _number(value, where: str, lo: float | None = None, hi: float | None = None) -> float:
@@ -668,13 +667,7 @@ def lesion_findings(lesions: Sequence[_Lesion], model: ModelInfo, sr_uid: str) -
 
 def algorithm_parameters(result: StudyResult, extra: Optional[dict] = None) -> list[str]:
     m = result.model
-    params = []
-    if m.selector:
-        params.append(f"selector={m.selector}")
-    if m.vlm:
-        params.append(f"vlm={m.vlm}")
-    if m.adapter:
-        params.append(f"adapter={m.adapter}")
+    params = [f"{part}={value}" for part, value in _model_parts(m, ("selector", "vlm", "adapter"))]
     params.append(f"languages={','.join(sorted(result.report))}")
     params.append(f"synthetic_demo={str(m.synthetic_demo).lower()}")
     for k, v in (extra or {}).items():

@@ -62,7 +62,14 @@ class UTCDateTime(sa.types.TypeDecorator):
         return aware(value)
 
 
-class StudyState(str, enum.Enum):
+class _State(str, enum.Enum):
+    """A state stored and printed as its plain string value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class StudyState(_State):
     """A study's lifecycle (docs/architecture.md draws it)."""
 
     RECEIVING = "receiving"    # instances arriving; completion timer armed
@@ -72,11 +79,8 @@ class StudyState(str, enum.Enum):
     SENT = "sent"              # every current result delivered to every destination
     FAILED = "failed"          # processing or delivery failed (``stage`` and ``error`` say where)
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class JobState(str, enum.Enum):
+class JobState(_State):
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
@@ -85,11 +89,8 @@ class JobState(str, enum.Enum):
     # worker took it (the next completion queues a fresh one)
     CANCELLED = "cancelled"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class OutboxState(str, enum.Enum):
+class OutboxState(_State):
     """One (object, destination) row of the outbox (:mod:`dicom_node.outbox` draws its moves)."""
 
     PENDING = "pending"
@@ -97,9 +98,6 @@ class OutboxState(str, enum.Enum):
     SENT = "sent"
     FAILED = "failed"
     SUPERSEDED = "superseded"  # an older result of a re-processed study: never sent
-
-    def __str__(self) -> str:
-        return self.value
 
 
 PROCESS = "process"  # the job kind that runs the pipeline

@@ -49,36 +49,35 @@ class Preprocessing(BaseModel):
     normalize: Literal["none", "flatfield"] = "none"
 
 
-class SelectorSpec(BaseModel):
+class _ModelPart(BaseModel):
+    """What every model of a bundle records: its checksum, version, how it was trained, how it measured."""
+
     model_config = ConfigDict(extra="allow")
-    file: str = "selector.onnx"
-    arch: str = "convnext_atto"
-    classes: list[str] = Field(default_factory=lambda: list(CLASS_NAMES))
-    preprocessing: Preprocessing = Field(default_factory=Preprocessing)
     sha256: Optional[str] = None
     version: str = "0"
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
 
 
-class VLMSpec(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class SelectorSpec(_ModelPart):
+    file: str = "selector.onnx"
+    arch: str = "convnext_atto"
+    classes: list[str] = Field(default_factory=lambda: list(CLASS_NAMES))
+    preprocessing: Preprocessing = Field(default_factory=Preprocessing)
+
+
+class VLMSpec(_ModelPart):
     path: str = "vlm"
     family: str = "gemma3"  # gemma3 | paligemma
     adapter: Optional[str] = None  # relative dir of a LoRA adapter, if not merged
-    image_size: int = 112
-    sha256: Optional[str] = None  # over the weight files
-    version: str = "0"
+    image_size: int = 112  # (sha256: over the weight files)
     prompt_style: str = "sections"
-    training: dict[str, Any] = Field(default_factory=dict)
-    metrics: dict[str, Any] = Field(default_factory=dict)
 
 
-class LesionSpec(BaseModel):
+class LesionSpec(_ModelPart):
     """The lesion model: a fully convolutional network whose one output ``maps`` (N, C, S, S)
     holds the dense heads named in ``heads`` (name, channels), in order."""
 
-    model_config = ConfigDict(extra="allow")
     file: str = "lesions.onnx"
     arch: str = "unet_tiny"
     heads: list[tuple[str, int]] = Field(
@@ -91,10 +90,6 @@ class LesionSpec(BaseModel):
     vessel_threshold: float = 0.5
     # the input carries two frame-position channels after the image (inference.lesions.add_coords)
     coords: bool = False
-    sha256: Optional[str] = None
-    version: str = "0"
-    training: dict[str, Any] = Field(default_factory=dict)
-    metrics: dict[str, Any] = Field(default_factory=dict)
 
 
 class Manifest(BaseModel):
@@ -134,25 +129,24 @@ class Bundle:
         self.manifest = manifest
 
     # -- paths --------------------------------------------------------------
+    def _at(self, rel: Optional[str]) -> Optional[Path]:
+        return self.root / rel if rel else None
+
     @property
     def selector_path(self) -> Optional[Path]:
-        s = self.manifest.selector
-        return (self.root / s.file) if s else None
+        return self._at(self.manifest.selector and self.manifest.selector.file)
 
     @property
     def vlm_path(self) -> Optional[Path]:
-        v = self.manifest.vlm
-        return (self.root / v.path) if v else None
+        return self._at(self.manifest.vlm and self.manifest.vlm.path)
 
     @property
     def lesions_path(self) -> Optional[Path]:
-        s = self.manifest.lesions
-        return (self.root / s.file) if s else None
+        return self._at(self.manifest.lesions and self.manifest.lesions.file)
 
     @property
     def adapter_path(self) -> Optional[Path]:
-        v = self.manifest.vlm
-        return (self.root / v.adapter) if (v and v.adapter) else None
+        return self._at(self.manifest.vlm and self.manifest.vlm.adapter)
 
     # -- identity -----------------------------------------------------------
     @property

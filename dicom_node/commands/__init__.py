@@ -6,6 +6,14 @@ import sys
 from pathlib import Path
 
 
+def add_run_arguments(p, files_help: str, json_help: str) -> None:
+    """The arguments ``select`` and ``report`` share: the runs, ``--bundle``, ``--config``, ``--json``."""
+    p.add_argument("files", nargs="+", metavar="FILE", help=files_help)
+    p.add_argument("--bundle", default=None, help="model bundle folder (default: models.bundle of the config)")
+    p.add_argument("--config", default=None, help="config file (default: ./config.yaml if present)")
+    p.add_argument("--json", action="store_true", help=json_help)
+
+
 def load_selector_bundle(args, cfg, command: str):
     """The bundle of ``--bundle`` (or ``models.bundle``), verified and holding a selector.
 

@@ -17,12 +17,12 @@ import sys
 import time
 
 
+from dicom_node.commands import add_run_arguments
+
+
 def register(sub) -> None:
     p = sub.add_parser("report", help="selector + VLM on the runs of one study: a draft bilingual report")
-    p.add_argument("files", nargs="+", metavar="FILE", help="DICOM runs (multi-frame XA) of one study")
-    p.add_argument("--bundle", default=None, help="model bundle folder (default: models.bundle of the config)")
-    p.add_argument("--config", default=None, help="config file (default: ./config.yaml if present)")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    add_run_arguments(p, "DICOM runs (multi-frame XA) of one study", "print JSON")
     p.add_argument("--languages", default=None,
                    help="comma-separated report languages (default: processing.languages, en,ja)")
     p.set_defaults(func=run)

@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import sys
 
+from dicom_node.commands import add_run_arguments
+
 
 def register(sub) -> None:
     p = sub.add_parser("select", help="key frames and laterality of XA runs (the selector alone)")
-    p.add_argument("files", nargs="+", metavar="FILE", help="DICOM runs (multi-frame XA)")
-    p.add_argument("--bundle", default=None, help="model bundle folder (default: models.bundle of the config)")
-    p.add_argument("--config", default=None, help="config file (default: ./config.yaml if present)")
-    p.add_argument("--json", action="store_true", help="print a JSON list")
+    add_run_arguments(p, "DICOM runs (multi-frame XA)", "print a JSON list")
     p.add_argument("--min-gap", type=int, default=None, help="override selector.min_gap")
     p.add_argument("--max-key-frames", type=int, default=None, help="override selector.max_key_frames")
     p.set_defaults(func=run)

@@ -294,19 +294,23 @@ def build_app(node, token: Optional[str] = None) -> Starlette:
             return None
         return dicomweb.Holdings(node.journal, results_root, uid)
 
+    def _qido_answer(q, matches) -> Response:
+        """``matches()``: the matching objects (ValueError: a bad query); paged, 204 when none."""
+        try:
+            out = dicomweb.paged(matches(), q)
+        except ValueError as exc:
+            return _error(400, str(exc))
+        return DicomJSON(out) if out else Response(status_code=204)
+
     def qido_series(request: Request):
         h = _holdings(request)
         if h is None:
             return _error(404, "no such study")
         q = request.query_params
-        try:
-            out = [dicomweb.series_json(h.study_uid, su, s, base_url(request)) for su, s in h.series.items()
-                   if dicomweb.match(q, "0020000E", "SeriesInstanceUID", su)
-                   and dicomweb.match(q, "00080060", "Modality", s["modality"])]
-            out = dicomweb.paged(out, q)
-        except ValueError as exc:
-            return _error(400, str(exc))
-        return DicomJSON(out) if out else Response(status_code=204)
+        return _qido_answer(q, lambda: [
+            dicomweb.series_json(h.study_uid, su, s, base_url(request)) for su, s in h.series.items()
+            if dicomweb.match(q, "0020000E", "SeriesInstanceUID", su)
+            and dicomweb.match(q, "00080060", "Modality", s["modality"])])
 
     def qido_instances(request: Request):
         h = _holdings(request)
@@ -316,16 +320,12 @@ def build_app(node, token: Optional[str] = None) -> Starlette:
         if series_uid is not None and series_uid not in h.series:
             return _error(404, "no such series in this study")
         q = request.query_params
-        try:
-            out = [dicomweb.instance_json(h.study_uid, su, i, base_url(request))
-                   for su, s in h.series.items() if series_uid in (None, su)
-                   for i in s["instances"]
-                   if dicomweb.match(q, "00080018", "SOPInstanceUID", i["sop_instance_uid"])
-                   and dicomweb.match(q, "00080016", "SOPClassUID", i["sop_class_uid"])]
-            out = dicomweb.paged(out, q)
-        except ValueError as exc:
-            return _error(400, str(exc))
-        return DicomJSON(out) if out else Response(status_code=204)
+        return _qido_answer(q, lambda: [
+            dicomweb.instance_json(h.study_uid, su, i, base_url(request))
+            for su, s in h.series.items() if series_uid in (None, su)
+            for i in s["instances"]
+            if dicomweb.match(q, "00080018", "SOPInstanceUID", i["sop_instance_uid"])
+            and dicomweb.match(q, "00080016", "SOPClassUID", i["sop_class_uid"])])
 
     def wado(request: Request):
         accept = request.headers.get("accept", "*/*")
