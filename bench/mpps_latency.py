@@ -40,8 +40,9 @@ from pynetdicom import AE, evt  # noqa: E402
 
 from dicom_node.config import parse_config  # noqa: E402
 from dicom_node.node import Node  # noqa: E402
-from tests.dicom_node.conftest import XA_CLASS, make_dataset, node_config, pyscu_send, write_dataset  # noqa: E402
-from tests.dicom_node.wfhelp import MPPS, SCU, mpps_create_ds, mpps_set_ds  # noqa: E402
+from cagtest.dicom import XA_CLASS, make_dataset, pyscu_send, write_dataset
+from cagtest.node import node_config
+from cagtest.workflow import MPPS, SCU, mpps_create_ds, mpps_set_ds  # noqa: E402
 
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 

@@ -28,7 +28,7 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "web"))
-from webhelp import make_dataset, pyscu_send, stow_body, web_config, write_dataset  # noqa: E402
+from cagtest.web import make_dataset, pyscu_send, stow_body, web_config, write_dataset  # noqa: E402
 
 
 def _make(d: Path, n: int, frames: int, size: int, seed0: int) -> list[Path]:

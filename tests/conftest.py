@@ -8,10 +8,11 @@ never reach a model hub.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
+
+from cagtest.net import have, require_tools  # noqa: F401  (for the folders' conftests)
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL_XA = Path(os.environ.get("CAG_REAL_XA", ROOT.parent / "shared" / "data" / "real-xa"))
@@ -20,10 +21,6 @@ REAL_XA = Path(os.environ.get("CAG_REAL_XA", ROOT.parent / "shared" / "data" / "
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-
-def have(tool: str) -> bool:
-    return shutil.which(tool) is not None
 
 
 @pytest.fixture(scope="session")
@@ -37,11 +34,6 @@ def real_xa_dir() -> Path:
 @pytest.fixture(scope="session")
 def real_xa_files(real_xa_dir) -> list[Path]:
     return sorted(real_xa_dir.glob("*.dcm"))
-
-
-def require_tools(*tools: str):
-    missing = [t for t in tools if not have(t)]
-    return pytest.mark.skipif(bool(missing), reason=f"missing tools: {', '.join(missing)}")
 
 
 # One quick demo bundle per test session, shared by e2e, reliability and web tests.

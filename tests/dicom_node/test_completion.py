@@ -7,8 +7,9 @@ import time
 import pytest
 
 from dicom_node.journal import Journal
-from tests.dicom_node.conftest import (NodeProcess, make_dataset, node_config, pyscu_send, wait_for,
-                                       write_config, write_dataset)
+from cagtest.dicom import make_dataset, pyscu_send, write_dataset
+from cagtest.net import wait_for
+from cagtest.node import NodeProcess, node_config, write_config
 
 
 def test_quiet_period_completes_study_and_queues_job(make_node, tmp_path):

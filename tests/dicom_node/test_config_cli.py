@@ -7,7 +7,8 @@ import json
 import pytest
 
 from dicom_node.journal import Journal
-from tests.dicom_node.conftest import CAG_NODE, node_config, run_tool, write_config
+from cagtest.net import run_tool
+from cagtest.node import CAG_NODE, node_config, write_config
 
 
 @pytest.mark.parametrize("cmd, bad, key", [

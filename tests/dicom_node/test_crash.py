@@ -9,8 +9,8 @@ from pathlib import Path
 import pydicom
 
 from dicom_node.journal import Journal
-from tests.dicom_node.conftest import NodeProcess, dataset_bytes, make_dataset, node_config, pyscu_send, \
-    write_config, write_dataset
+from cagtest.dicom import dataset_bytes, make_dataset, pyscu_send, write_dataset
+from cagtest.node import NodeProcess, node_config, write_config
 
 
 def test_kill9_mid_transfer_loses_no_acknowledged_instance(tmp_path):

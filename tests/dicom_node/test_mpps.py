@@ -10,9 +10,9 @@ from datetime import timedelta
 
 from pydicom.uid import generate_uid
 
-from tests.dicom_node.conftest import CAG_NODE, XA_CLASS, make_dataset, node_config, pyscu_send, write_config, \
-    write_dataset
-from tests.dicom_node.wfhelp import MPPS, SCU, RecordingNSCP, mpps_create_ds, mpps_set_ds, wait_for
+from cagtest.dicom import XA_CLASS, make_dataset, pyscu_send, write_dataset
+from cagtest.node import CAG_NODE, node_config, write_config
+from cagtest.workflow import MPPS, SCU, RecordingNSCP, mpps_create_ds, mpps_set_ds, wait_for
 
 
 def _recorder():

@@ -12,10 +12,10 @@ import pydicom
 import pytest
 
 from dicom_node.journal import Journal
-from tests.conftest import require_tools
-from tests.dicom_node.conftest import (CAG_NODE, CT_CLASS, STORESCU_TS_OPTION, NodeProcess, dataset_bytes, make_dataset,
-                                       node_config, pyscu_send, run_tool, storescu_cmd, write_config,
-                                       write_dataset)
+from cagtest.net import require_tools
+from cagtest.dicom import CT_CLASS, STORESCU_TS_OPTION, dataset_bytes, make_dataset, pyscu_send, storescu_cmd, write_dataset
+from cagtest.net import run_tool
+from cagtest.node import CAG_NODE, NodeProcess, node_config, write_config
 
 pytestmark = [pytest.mark.peers, require_tools("storescu", "echoscu")]
 

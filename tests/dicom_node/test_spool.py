@@ -13,7 +13,7 @@ from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 from dicom_node.dicomheader import DEFLATED_LE, EXPLICIT_LE, MalformedDataset, parse_header
 from dicom_node.spool import FileMeta, Spool, SpoolFull, uid_is_path_safe, uid_is_valid
-from tests.dicom_node.conftest import make_dataset
+from cagtest.dicom import make_dataset
 
 
 def encode(ds, implicit=False, little=True) -> bytes:

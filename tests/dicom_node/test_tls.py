@@ -15,8 +15,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from dicom_node.journal import Journal
-from tests.conftest import require_tools
-from tests.dicom_node.conftest import make_dataset, node_config, pyscu_send, run_tool, storescu_cmd, write_dataset
+from cagtest.net import require_tools
+from cagtest.dicom import make_dataset, pyscu_send, storescu_cmd, write_dataset
+from cagtest.net import run_tool
+from cagtest.node import node_config
 
 pytestmark = [pytest.mark.peers, require_tools("storescu", "echoscu")]
 

@@ -9,8 +9,9 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from tests.dicom_node.conftest import make_dataset, node_config, pyscu_send, write_dataset
-from tests.dicom_node.wfhelp import SCU, UPS_PULL, UPS_PUSH, UPS_WATCH, RecordingNSCP, wait_for
+from cagtest.dicom import make_dataset, pyscu_send, write_dataset
+from cagtest.node import node_config
+from cagtest.workflow import change, outputs, progress, subscribe, work_item, SCU, UPS_PULL, UPS_PUSH, UPS_WATCH, RecordingNSCP, wait_for
 
 GLOBAL = "1.2.840.10008.5.1.4.34.5"
 
@@ -20,65 +21,6 @@ def watcher():
     w = RecordingNSCP("WATCHER")
     yield w
     w.stop()
-
-
-def work_item(study_uid: str, label: str = "CAG AI report") -> Dataset:
-    ds = Dataset()
-    ds.ProcedureStepState = "SCHEDULED"
-    ds.ProcedureStepLabel = label
-    ds.WorklistLabel = "AI"
-    ds.ScheduledProcedureStepPriority = "HIGH"
-    ds.ScheduledProcedureStepStartDateTime = "20260101101010"
-    ds.InputReadinessState = "READY"
-    ds.PatientName = "Test^Synthetic"
-    ds.PatientID = "SYN0001"
-    item = Dataset()
-    item.StudyInstanceUID = study_uid
-    item.TypeOfInstances = "DICOM"
-    ds.InputInformationSequence = [item]
-    return ds
-
-
-def change(state: str, txn: str) -> Dataset:
-    ds = Dataset()
-    ds.ProcedureStepState = state
-    ds.TransactionUID = txn
-    return ds
-
-
-def subscribe(ae: str, lock: bool = False) -> Dataset:
-    ds = Dataset()
-    ds.ReceivingAE = ae
-    ds.DeletionLock = "TRUE" if lock else "FALSE"
-    return ds
-
-
-def progress(txn: str, pct: int, text: str = "") -> Dataset:
-    ds = Dataset()
-    ds.TransactionUID = txn
-    p = Dataset()
-    p.ProcedureStepProgress = pct
-    p.ProcedureStepProgressDescription = text
-    ds.ProcedureStepProgressInformationSequence = [p]
-    return ds
-
-
-def outputs(txn: str, study: str, sr_uid: str) -> Dataset:
-    ds = Dataset()
-    ds.TransactionUID = txn
-    perf = Dataset()
-    perf.PerformedProcedureStepStartDateTime = "20260101101011"
-    out = Dataset()
-    out.TypeOfInstances = "DICOM"
-    out.StudyInstanceUID = study
-    out.SeriesInstanceUID = generate_uid()
-    ref = Dataset()
-    ref.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.33"
-    ref.ReferencedSOPInstanceUID = sr_uid
-    out.ReferencedSOPSequence = [ref]
-    perf.OutputInformationSequence = [out]
-    ds.UnifiedProcedureStepPerformedProcedureSequence = [perf]
-    return ds
 
 
 def _watched_node(make_node, watcher, **over):
@@ -229,7 +171,7 @@ def test_node_creates_work_item_per_study_and_cancels_on_failure(make_node, tmp_
     import json
     import subprocess
 
-    from tests.dicom_node.conftest import CAG_NODE, write_config
+    from cagtest.node import CAG_NODE, write_config
 
     cfg_path = write_config(tmp_path, node_config(tmp_path), "cli.yaml")
     js = subprocess.run([CAG_NODE, "studies", "--json", "--config", str(cfg_path)], capture_output=True,

@@ -8,10 +8,9 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from dicom_node.config import parse_config
 from dicom_node.journal import Journal
 from dicom_node.node import Node
-from tests.dicom_node.conftest import XA_CLASS, NodeProcess, make_dataset, node_config, pyscu_send, write_config, \
-    write_dataset
-from tests.dicom_node.test_ups import change, outputs, progress, subscribe, work_item
-from tests.dicom_node.wfhelp import MPPS, SCU, UPS_PULL, UPS_PUSH, UPS_WATCH, RecordingNSCP, mpps_create_ds, \
+from cagtest.dicom import XA_CLASS, make_dataset, pyscu_send, write_dataset
+from cagtest.node import NodeProcess, node_config, write_config
+from cagtest.workflow import change, outputs, progress, subscribe, work_item, MPPS, SCU, UPS_PULL, UPS_PUSH, UPS_WATCH, RecordingNSCP, mpps_create_ds, \
     mpps_set_ds, wait_for
 
 

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import shutil
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from dicom_node.demo import free_port
-
+from cagtest.pacs import StoreSCP
 
 
 @pytest.fixture(scope="session")
@@ -27,40 +23,10 @@ def held_out_study(tmp_path_factory) -> list[Path]:
     return make_demo_study(tmp_path_factory.mktemp("study") / "s", seed=99, quick=True)
 
 
-class StoreSCP:
-    """dcmtk storescp as a destination PACS."""
-
-    def __init__(self, out_dir: Path, aet: str = "PACS"):
-        self.out_dir = out_dir
-        self.aet = aet
-        self.port = free_port()
-        self.proc = None
-
-    def start(self):
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(["storescp", "--aetitle", self.aet, "-od", str(self.out_dir), "+B",
-                                      str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return self
-            time.sleep(0.1)
-        raise RuntimeError("storescp did not start")
-
-    def stop(self):
-        if self.proc:
-            self.proc.terminate()
-            self.proc.wait(5)
-
-    def files(self) -> list[Path]:
-        return sorted(p for p in self.out_dir.iterdir() if p.is_file())
-
-
 @pytest.fixture
 def storescp(tmp_path):
     if shutil.which("storescp") is None:
         pytest.skip("dcmtk storescp not installed")
-    scp = StoreSCP(tmp_path / "pacs").start()
+    scp = StoreSCP(tmp_path / "pacs", aet="PACS", bit_preserving=True)
     yield scp
     scp.stop()

@@ -14,7 +14,7 @@ import yaml
 
 import inference.vlm as vlm
 from dicom_node.demo import free_port
-from nodewait import wait_state
+from cagtest.wait import wait_state
 
 pytestmark = pytest.mark.slow
 

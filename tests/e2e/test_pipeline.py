@@ -20,7 +20,7 @@ import pytest
 from dicom_node.config import parse_config
 
 from dicom_node.demo import free_port
-from nodewait import wait_state
+from cagtest.wait import wait_state
 
 pytestmark = pytest.mark.slow
 

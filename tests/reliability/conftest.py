@@ -12,14 +12,12 @@ quick=True)``) unless ``CAG_TEST_BUNDLE`` names one already built.
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from relhelp import NodeProc, RecordingSCP, node_config  # noqa: E402
+from cagtest.reliability import NodeProc, RecordingSCP, node_config
 
 
 def pytest_collection_modifyitems(items):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from relhelp import db_instance_path, echo, make_study, send_files, sop_uid_of
+from cagtest.reliability import db_instance_path, echo, make_study, send_files, sop_uid_of
 
 
 def _spool_files(node) -> list[Path]:

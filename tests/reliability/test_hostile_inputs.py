@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from relhelp import (NO_VLM, XA, NodeProc, associate_store, chunked_send, db_study, echo, make_xa, node_config,
+from cagtest.reliability import (NO_VLM, XA, NodeProc, associate_store, chunked_send, db_study, echo, make_xa, node_config,
                      send_files, wait_for, write_raw_part10)
 
 IMPLICIT = "1.2.840.10008.1.2"
@@ -338,7 +338,7 @@ def test_accepted_oddities_are_processed_without_harm(nodes, pacs_factory, rel_b
     declared dimensions would try to allocate terabytes)."""
     import psutil
 
-    from relhelp import assert_results_once
+    from cagtest.reliability import assert_results_once
 
     pacs = pacs_factory().start()
     node = nodes(bundle=rel_bundle, destinations=[pacs.destination()], vlm=NO_VLM,

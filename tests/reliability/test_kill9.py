@@ -28,7 +28,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from relhelp import (NO_VLM, assert_results_once, db_instance_path, db_outbox, db_study, make_study, send_files,
+from cagtest.reliability import (NO_VLM, assert_results_once, db_instance_path, db_outbox, db_study, make_study, send_files,
                      sop_uid_of, wait_for)
 
 ROUNDS = 3
@@ -164,7 +164,7 @@ def test_kill9_between_result_enqueue_and_job_finish(nodes, pacs_factory, rel_bu
     import os
     import signal
 
-    from relhelp import db_query
+    from cagtest.reliability import db_query
 
     pacs = pacs_factory().start()
     node = nodes(bundle=rel_bundle, destinations=[pacs.destination()], vlm=NO_VLM,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pydicom
 import pytest
 
-from relhelp import NO_VLM, assert_results_once, db_outbox, db_query, db_study, make_xa, send_files, wait_for, make_study
+from cagtest.reliability import NO_VLM, assert_results_once, db_outbox, db_query, db_study, make_xa, send_files, wait_for, make_study
 
 
 def _referenced_sops(path) -> set[str]:

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from relhelp import NO_VLM, assert_results_once, db_outbox, db_study, make_study, send_files, wait_for
+from cagtest.reliability import NO_VLM, assert_results_once, db_outbox, db_study, make_study, send_files, wait_for
 
 FAST_OUTBOX = {"retry_base_s": 0.3, "retry_max_s": 1.0, "poll_s": 0.2}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from pydicom.uid import generate_uid
 
-from relhelp import (CAG, MODALITY_AET, NODE_AET, associate_store, chunked_send, client_tls, echo, make_pki,
+from cagtest.reliability import (CAG, MODALITY_AET, NODE_AET, associate_store, chunked_send, client_tls, echo, make_pki,
                      make_study, make_xa, send_files, sop_uid_of, write_raw_part10)
 
 

@@ -1,17 +1,16 @@
-"""Fixtures for the results area (SR/KOS encoding, outbox, SCU); helpers live in reshelp.py."""
+"""Fixtures for the results area (SR/KOS encoding, outbox, SCU); helpers live in cagtest.results."""
 
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reshelp import OrthancPeer, StoreSCP, make_result, make_xa  # noqa: E402
+from cagtest.pacs import StoreSCP
+from cagtest.results import OrthancPeer, make_result, make_xa
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from pydicom.uid import generate_uid
 
 from dicom_node.kos import KOS_SOP_CLASS_UID, TITLE_OF_INTEREST, build_kos
 from dicom_node.sr import EncodingError, CodedConcept, iter_content, save
-from reshelp import MISSING, make_result, make_xa, require_tools, validated_dump
+from cagtest.results import MISSING, make_result, make_xa, require_tools, validated_dump
 
 
 def test_kos_references_frames(study):

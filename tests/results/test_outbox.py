@@ -18,7 +18,9 @@ from dicom_node.db import create_engine, make_sessionmaker
 from dicom_node.kos import build_kos
 from dicom_node.outbox import FAILED, PENDING, SENDING, SENT, Outbox, OutboxRow, backoff_s, create_table, retry_study_db
 from dicom_node.sr import build_sr, save
-from reshelp import free_port, make_result, make_xa
+from cagtest.net import free_port, wait_for
+from cagtest.pacs import RecordingSCP
+from cagtest.results import make_result, make_xa
 
 pytestmark = pytest.mark.peers
 
@@ -64,38 +66,6 @@ def drain(outbox: Outbox, study_uid: str, timeout: float = 20.0, want=(SENT, FAI
             return rows
         time.sleep(0.1)
     raise AssertionError(f"not drained: {outbox.rows_for(study_uid)}")
-
-
-def wait_for(pred, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
-
-
-class ScriptedSCP:
-    """A pynetdicom Storage SCP answering C-STOREs with scripted statuses (then success)."""
-
-    def __init__(self, statuses):
-        self.statuses = list(statuses)
-        self.received: list[str] = []
-        self.port = free_port()
-        self.ae = AE(ae_title="SCRIPTED")
-        for uid in ("1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.59"):
-            self.ae.add_supported_context(uid)
-        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False,
-                                           evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
-
-    def _on_store(self, event):
-        status = self.statuses.pop(0) if self.statuses else 0x0000
-        self.received.append((event.request.AffectedSOPInstanceUID, status))
-        return status
-
-    def stop(self):
-        self.server.shutdown()
 
 
 # ------------------------------------------------------------------ unit
@@ -204,16 +174,16 @@ def test_refusing_peer_is_retried_until_horizon_then_failed_and_retry_study(db, 
     ([0xA900], FAILED, 1, 1),        # data set does not match SOP class: permanent
     ([0x0124], FAILED, 1, 1),        # not authorised: permanent
 ], ids=["A700-retried", "C000-retried", "B000-warning-stored", "A900-failed", "0124-failed"])
-def test_status_handling(db, results, statuses, state, attempts, received):
+def test_status_handling(db, results, statuses, state, attempts, received, tmp_path):
     su, objs = results
-    peer = ScriptedSCP(statuses)
+    peer = RecordingSCP(tmp_path / "pacs", ae_title="SCRIPTED", statuses=statuses).start()
     try:
         ob = Outbox(cfg(("scripted", "SCRIPTED", peer.port)), db)
         ob.enqueue(su, *objs[0])
         r = drain(ob, su)[0]
     finally:
         peer.stop()
-    assert (r.state, r.attempts, len(peer.received)) == (state, attempts, received), r.last_error
+    assert (r.state, r.attempts, len(peer.answered)) == (state, attempts, received), r.last_error
     if statuses[0] == 0xB000:
         assert "0xB000" in r.last_error
     if state == FAILED:
@@ -277,7 +247,7 @@ def test_tls_destination(db, results, tmp_path):
     """TLS to a pynetdicom SCP with a self-signed certificate: verified with `ca`, refused without."""
     import ssl
 
-    from reshelp import self_signed_cert
+    from cagtest.results import self_signed_cert
 
     su, objs = results
     cert, key = self_signed_cert(tmp_path / "tls")

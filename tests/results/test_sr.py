@@ -19,7 +19,7 @@ from dicom_node.sr import (
     render_html,
     save,
 )
-from reshelp import DEVICE_UID, MISSING, dciodvfy_counts, make_result, make_xa, require_tools, run_tool, validated_dump
+from cagtest.results import DEVICE_UID, MISSING, dciodvfy_counts, make_result, make_xa, require_tools, run_tool, validated_dump
 
 
 

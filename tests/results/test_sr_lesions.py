@@ -30,7 +30,7 @@ from dicom_node.sr import (
     save,
 )
 from inference.types import SEGMENTS, LesionFinding
-from reshelp import MISSING, make_result, make_xa, require_tools, validated_dump
+from cagtest.results import MISSING, make_result, make_xa, require_tools, validated_dump
 
 
 # --------------------------------------------------------------------------- helpers

@@ -90,7 +90,7 @@ def test_load_backend_errors(tmp_path):
 
 @pytest.fixture()
 def server(tiny_backend):
-    from server import ChatServer
+    from cagtest.chat_server import ChatServer
 
     with ChatServer(tiny_backend) as s:
         yield s

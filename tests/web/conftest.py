@@ -7,15 +7,13 @@ pipeline on the quick demo bundle, SR + KOS out to dcmtk storescp when present).
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import requests
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from webhelp import ARTEFACTS, _load, stow_body, wait_state, web_config  # noqa: E402
+from cagtest.web import ARTEFACTS, _load, stow_body, wait_state, web_config
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import requests
 import urllib3
 
 from dicom_node.config import ConfigError, parse_config
-from webhelp import stow_body, synthetic_run_files, web_config
+from cagtest.web import stow_body, synthetic_run_files, web_config
 
 urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
 TOKEN = "s3cret-token-for-tests-0123456789"
@@ -103,7 +103,7 @@ def test_client_allow_list(tmp_path, start_node):
 
 
 def test_actions_need_the_csrf_token(tmp_path, start_node):
-    from webhelp import pyscu_send
+    from cagtest.web import pyscu_send
 
     node = start_node(web_config(tmp_path))
     study, files = synthetic_run_files(tmp_path / "in", 1)
@@ -131,7 +131,7 @@ def test_actions_need_the_csrf_token(tmp_path, start_node):
 
 
 def test_pages_escape_what_they_show(tmp_path, start_node):
-    from webhelp import pyscu_send
+    from cagtest.web import pyscu_send
 
     node = start_node(web_config(tmp_path))
     study, files = synthetic_run_files(tmp_path / "in", 1)

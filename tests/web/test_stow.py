@@ -9,7 +9,7 @@ import pydicom
 import pytest
 import requests
 
-from webhelp import pyscu_send, stow_body, synthetic_run_files, web_config
+from cagtest.web import pyscu_send, stow_body, synthetic_run_files, web_config
 
 
 def _post(node, body, headers, path="/dicomweb/studies"):
@@ -122,7 +122,7 @@ def test_serve_prints_the_web_url_and_stops_cleanly(tmp_path):
 
     import yaml
 
-    from webhelp import _core
+    from cagtest.web import _core
 
     cfg = {"node": {"port": 0, "allowed_calling_aets": ["PYSCU"]},
            "storage": {"path": str(tmp_path / "spool"), "journal": f"sqlite:///{tmp_path / 'j.db'}", "min_free_mb": 1},

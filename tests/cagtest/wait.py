@@ -1,7 +1,7 @@
 """Waiting for a study to reach a journal state, for tests that run a Node in-process (e2e, web).
 
 The root conftest puts ``tests/`` on ``sys.path`` (as each folder's conftest does for its own
-helpers), so ``from nodewait import wait_state`` works from any test folder."""
+helpers), so ``from cagtest.wait import wait_state`` works from any test folder."""
 
 from __future__ import annotations
 

@@ -15,12 +15,10 @@ import datetime as _dt
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -30,25 +28,20 @@ import yaml
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from cagtest.dicom import xa_dataset
+from cagtest.net import free_port, wait_for  # noqa: F401  (the reliability tests import them from here)
+from cagtest.pacs import VERIFICATION, RecordingSCP  # noqa: F401  (RecordingSCP: the reliability tests import it from here)
+
 ROOT = Path(__file__).resolve().parents[2]
 CAG = str(Path(sys.executable).with_name("cag-node"))
 XA = "1.2.840.10008.5.1.4.1.1.12.1"
-SR_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.11"}
 KOS_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
-VERIFICATION = "1.2.840.10008.1.1"
 MODALITY_AET = "MODALITY"
 NODE_AET = "CAGNODE"
-PACS_AET = "RELPACS"
 # Where the test is about reception, the outbox or crash safety rather than the report, the VLM is
 # switched off (the SR is still built and sent, with empty report text): the tiny VLM on 2 shared
 # CPU cores costs seconds per study.  The kill -9 rounds and the PHI test keep the real VLM.
 NO_VLM = {"backend": "none"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------
@@ -58,38 +51,9 @@ def make_xa(path: Path, *, study_uid: str, series_uid: Optional[str] = None, sop
             rows: int = 64, cols: int = 64, frames: int = 12, seed: int = 0,
             patient_name: str = "Rel^Test", patient_id: str = "REL0001", birth_date: str = "19700101",
             accession: str = "", extra: Optional[Callable[[Dataset], None]] = None) -> Path:
-    """A small but valid multi-frame 8-bit XA run: a dark vessel-like stripe moving over noise."""
+    """A small but valid multi-frame 8-bit XA run (``cagtest.dicom.xa_dataset``): a dark
+    vessel-like stripe moving over noise."""
     rng = np.random.default_rng(seed)
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = XA
-    ds.SOPClassUID = XA
-    ds.SOPInstanceUID = sop_uid or generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid or generate_uid()
-    ds.Modality = "XA"
-    ds.PatientName = patient_name
-    ds.PatientID = patient_id
-    ds.PatientBirthDate = birth_date
-    ds.PatientSex = "O"
-    ds.AccessionNumber = accession
-    ds.StudyID = "1"
-    ds.StudyDate = "20260101"
-    ds.StudyTime = "120000"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = 1
-    ds.Manufacturer = "cag-node reliability tests"
-    ds.Rows, ds.Columns = rows, cols
-    ds.NumberOfFrames = frames
-    ds.FrameIncrementPointer = (0x0018, 0x1063)
-    ds.FrameTime = 66.7
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
     base = rng.integers(90, 170, size=(rows, cols), dtype=np.uint8)
     arr = np.empty((frames, rows, cols), dtype=np.uint8)
     for f in range(frames):
@@ -97,7 +61,8 @@ def make_xa(path: Path, *, study_uid: str, series_uid: Optional[str] = None, sop
         c = (f * cols) // max(frames, 1)
         fr[:, max(0, c - 2):c + 2] = 30 + (f % 7) * 5
         arr[f] = fr
-    ds.PixelData = arr.tobytes()
+    ds = xa_dataset(study_uid, series_uid, sop_uid, pixels=arr, patient_name=patient_name, patient_id=patient_id,
+                    birth_date=birth_date, accession=accession, Manufacturer="cag-node reliability tests")
     if extra:
         extra(ds)
     path = Path(path)
@@ -375,81 +340,6 @@ def write_raw_part10(path: Path, body: bytes, *, sop_class: str = XA, sop_uid: O
     return Path(path)
 
 
-# ---------------------------------------------------------------------------
-# The destination PACS: a pynetdicom SCP whose behaviour the test controls
-# ---------------------------------------------------------------------------
-class RecordingSCP:
-    """Stores what it receives; ``statuses`` are answered in turn (then 0x0000); ``delay_s``
-    (a list, consumed per request, then 0) makes it slow.
-
-    ``stored`` counts successful stores per SOP Instance UID (the handler returned 0x0000);
-    ``requests`` counts every C-STORE request seen.
-    """
-
-    def __init__(self, out_dir: Path, port: Optional[int] = None, ae_title: str = PACS_AET,
-                 statuses: Optional[list[int]] = None, delays: Optional[list[float]] = None):
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
-        self.ae_title = ae_title
-        self.statuses = list(statuses or [])
-        self.delays = list(delays or [])
-        self.stored: Counter = Counter()
-        self.requests: Counter = Counter()
-        self.by_class: dict[str, str] = {}
-        self.study_of: dict[str, str] = {}
-        self._lock = threading.Lock()
-        self._server = None
-
-    def _on_store(self, event):
-        with self._lock:
-            delay = self.delays.pop(0) if self.delays else 0.0
-            status = self.statuses.pop(0) if self.statuses else 0x0000
-        uid = str(event.request.AffectedSOPInstanceUID)
-        with self._lock:
-            self.requests[uid] += 1
-        if delay:
-            time.sleep(delay)
-        if status != 0x0000:
-            return status
-        ds = event.dataset
-        ds.file_meta = event.file_meta
-        n = self.stored[uid]
-        ds.save_as(self.out_dir / f"{uid}.{n}.dcm", enforce_file_format=True)
-        with self._lock:
-            self.stored[uid] += 1
-            self.by_class[uid] = str(ds.SOPClassUID)
-            self.study_of[uid] = str(ds.StudyInstanceUID)
-        return 0x0000
-
-    def start(self) -> "RecordingSCP":
-        from pynetdicom import AE, evt
-        from pynetdicom.presentation import AllStoragePresentationContexts
-
-        ae = AE(ae_title=self.ae_title)
-        ae.supported_contexts = AllStoragePresentationContexts
-        ae.add_supported_context(VERIFICATION)
-        ae.maximum_pdu_size = 0
-        ae.dimse_timeout = ae.network_timeout = 60
-        self._server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def destination(self, name: str = "pacs") -> dict:
-        return {"name": name, "ae_title": self.ae_title, "host": "127.0.0.1", "port": self.port}
-
-    def srs(self, study_uid: Optional[str] = None) -> dict[str, int]:
-        """{SR SOP Instance UID: times stored} (for one study if given)."""
-        return {u: n for u, n in self.stored.items() if self.by_class.get(u) in SR_CLASSES
-                and (study_uid is None or self.study_of.get(u) == study_uid)}
-
-
 def outbox_documents_at_least_once() -> bool:
     """True when dicom_node/outbox.py documents that a result may reach a PACS more than once."""
     p = ROOT / "dicom_node" / "outbox.py"
@@ -598,13 +488,3 @@ def db_instance_path(node: NodeProc, sop_uid: str) -> Optional[str]:
     except Exception:
         return None
     return rows[0][0] if rows else None
-
-
-def wait_for(pred: Callable[[], object], timeout: float, interval: float = 0.1, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

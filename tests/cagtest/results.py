@@ -9,16 +9,14 @@ Imported as ``reshelp`` (tests/results is put on sys.path by its conftest).
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
 
+from cagtest.dicom import xa_dataset
 from dicom_node.orthanc import OrthancProcess
 from inference.types import KeyFrame, ModelInfo, ReportText, RunSelection, StudyResult
 
@@ -28,58 +26,18 @@ MISSING = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "Access
 DEVICE_UID = "2.25.123456789012345678901234567890123"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def make_xa(study_uid: str, *, n_frames: int = 8, size: int = 16, series_uid: str | None = None,
             omit: tuple[str, ...] = (), series_number: int = 1, instance_number: int = 1,
             patient_name: str = "Test^Patient", charset: str | None = None) -> Dataset:
-    """A small but well-formed XA multi-frame instance."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = XA_SOP_CLASS
-    ds.SOPClassUID = XA_SOP_CLASS
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    """A small but well-formed XA multi-frame instance (``cagtest.dicom.xa_dataset``) without the
+    attributes named in ``omit``."""
+    pixels = (np.arange(n_frames * size * size) % 251).astype(np.uint8).reshape(n_frames, size, size)
+    attrs = {"InstanceNumber": instance_number, "PatientSex": "M", "StudyID": "S1", "Manufacturer": "TestVendor"}
     if charset:
-        ds.SpecificCharacterSet = charset
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid or generate_uid()
-    ds.Modality = "XA"
-    ds.PatientName = patient_name
-    ds.PatientID = "PID0001"
-    ds.PatientBirthDate = "19600101"
-    ds.PatientSex = "M"
-    ds.AccessionNumber = "ACC1"
-    ds.StudyID = "S1"
-    ds.StudyDate = "20260101"
-    ds.StudyTime = "101010"
-    ds.ReferringPhysicianName = ""
-    ds.SeriesNumber = series_number
-    ds.InstanceNumber = instance_number
-    ds.Manufacturer = "TestVendor"
-    ds.PatientOrientation = ""
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "SINGLE PLANE"]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = size
-    ds.Columns = size
-    ds.BitsAllocated = 8
-    ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
-    ds.NumberOfFrames = n_frames
-    ds.FrameIncrementPointer = (0x0018, 0x1063)
-    ds.FrameTime = 66.7
-    ds.PixelData = (np.arange(n_frames * size * size) % 251).astype(np.uint8).tobytes()
-    for kw in omit:
-        if kw in ds:
-            delattr(ds, kw)
-    return ds
+        attrs["SpecificCharacterSet"] = charset
+    attrs.update({kw: None for kw in omit})
+    return xa_dataset(study_uid, series_uid, pixels=pixels, patient_name=patient_name, patient_id="PID0001",
+                      birth_date="19600101", accession="ACC1", series_number=series_number, **attrs)
 
 
 def make_result(sources: list[Dataset], *, synthetic_demo: bool = True, not_analysed=None,
@@ -160,42 +118,6 @@ class OrthancPeer(OrthancProcess):
         """SOP Instance UIDs of the study's instances of this modality."""
         return sorted(self.get(f"/instances/{i}/simplified-tags")["SOPInstanceUID"]
                       for i in super().find(study_uid, modality))
-
-
-class StoreSCP:
-    """dcmtk storescp as a subprocess (optionally refusing every association)."""
-
-    def __init__(self, root: Path, aet: str = "STORESCP", refuse: bool = False):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.aet = aet
-        self.port = free_port()
-        args = ["storescp", "--aetitle", aet, "-od", str(self.root)]
-        if refuse:
-            args.append("--refuse")
-        self.proc = subprocess.Popen(args + [str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("storescp did not come up")
-
-    def files(self) -> list[Path]:
-        return sorted(p for p in self.root.iterdir() if p.is_file())
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
 
 
 def require_tools(*tools: str):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dicom_node.config import parse_config
 from dicom_node.web.multipart import encode_multipart
-from nodewait import wait_state  # noqa: F401  (re-exported for the web tests)
+from cagtest.wait import wait_state  # noqa: F401  (re-exported for the web tests)
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTEFACTS = Path(os.environ.get("CAG_WEB_ARTEFACTS", ROOT / "build" / "test-artefacts" / "web"))

@@ -5,10 +5,11 @@ from __future__ import annotations
 import threading
 
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 
 from dicom_node.scu import dimse_status
-from tests.dicom_node.conftest import wait_for  # noqa: F401  (the workflow tests import it from here)
+from cagtest.net import wait_for  # noqa: F401  (the workflow tests import it from here)
 
 MPPS = "1.2.840.10008.3.1.2.3.3"
 UPS_PUSH = "1.2.840.10008.5.1.4.34.6.1"
@@ -143,3 +144,63 @@ class RecordingNSCP:
 
     def stop(self):
         self.server.shutdown()
+
+
+# -- UPS data sets -------------------------------------------------------------------
+def work_item(study_uid: str, label: str = "CAG AI report") -> Dataset:
+    ds = Dataset()
+    ds.ProcedureStepState = "SCHEDULED"
+    ds.ProcedureStepLabel = label
+    ds.WorklistLabel = "AI"
+    ds.ScheduledProcedureStepPriority = "HIGH"
+    ds.ScheduledProcedureStepStartDateTime = "20260101101010"
+    ds.InputReadinessState = "READY"
+    ds.PatientName = "Test^Synthetic"
+    ds.PatientID = "SYN0001"
+    item = Dataset()
+    item.StudyInstanceUID = study_uid
+    item.TypeOfInstances = "DICOM"
+    ds.InputInformationSequence = [item]
+    return ds
+
+
+def change(state: str, txn: str) -> Dataset:
+    ds = Dataset()
+    ds.ProcedureStepState = state
+    ds.TransactionUID = txn
+    return ds
+
+
+def subscribe(ae: str, lock: bool = False) -> Dataset:
+    ds = Dataset()
+    ds.ReceivingAE = ae
+    ds.DeletionLock = "TRUE" if lock else "FALSE"
+    return ds
+
+
+def progress(txn: str, pct: int, text: str = "") -> Dataset:
+    ds = Dataset()
+    ds.TransactionUID = txn
+    p = Dataset()
+    p.ProcedureStepProgress = pct
+    p.ProcedureStepProgressDescription = text
+    ds.ProcedureStepProgressInformationSequence = [p]
+    return ds
+
+
+def outputs(txn: str, study: str, sr_uid: str) -> Dataset:
+    ds = Dataset()
+    ds.TransactionUID = txn
+    perf = Dataset()
+    perf.PerformedProcedureStepStartDateTime = "20260101101011"
+    out = Dataset()
+    out.TypeOfInstances = "DICOM"
+    out.StudyInstanceUID = study
+    out.SeriesInstanceUID = generate_uid()
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.33"
+    ref.ReferencedSOPInstanceUID = sr_uid
+    out.ReferencedSOPSequence = [ref]
+    perf.OutputInformationSequence = [out]
+    ds.UnifiedProcedureStepPerformedProcedureSequence = [perf]
+    return ds
