@@ -25,11 +25,9 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,7 +39,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from large_instance import CAG, free_port, machine, wait_port  # noqa: E402
+from benchlib import emit, free_port, stop_process, wait_port, work_dir  # noqa: E402
+from large_instance import CAG, machine  # noqa: E402
 
 QUIET_S = 2.0
 
@@ -85,13 +84,7 @@ class Node:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 60)
         if self.proc:
             self.log.close()
         self.proc = None
@@ -194,14 +187,8 @@ def main(argv=None) -> int:
 
     from dicom_node.orthanc import OrthancProcess
 
-    tmp = None
-    work = args.work
-    if work is None:
-        tmp = tempfile.TemporaryDirectory(prefix="cag-bench-e2e-")
-        work = Path(tmp.name)
-    work.mkdir(parents=True, exist_ok=True)
-    results = []
-    try:
+    with work_dir(args.work, "cag-bench-e2e-") as work:
+        results = []
         node_port = free_port()
         orthanc = OrthancProcess(work / "orthanc", node_port=node_port)
         orthanc.start()
@@ -244,13 +231,7 @@ def main(argv=None) -> int:
                "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
         print(f"\nmedian latency (last instance -> SR in Orthanc, minus quiet period): {lat:.2f} s; "
               f"peer storescu -> Orthanc of the same study: {peer:.2f} s; ratio x{lat / peer:.1f}")
-        if args.json:
-            args.json.write_text(json.dumps(out, indent=2))
-        print(json.dumps(out))
-        return 0
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+        return emit(out, args.json)
 
 
 def _wait_sr(orthanc, study_uid: str, timeout: float) -> float:

@@ -24,17 +24,12 @@ the time).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -46,26 +41,10 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchlib import clear_dir, emit, free_port, stop_process, wait_port, work_dir  # noqa: E402,F401  (e2e imports some from here)
 CAG = str(Path(sys.executable).with_name("cag-node"))
 XA = "1.2.840.10008.5.1.4.1.1.12.1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 60, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"port {port} not listening after {timeout} s")
 
 
 def make_large_xa(path: Path, rows: int, cols: int, frames: int, study_uid: str | None = None,
@@ -121,8 +100,7 @@ class StoreSCP:
         return self
 
     def clear(self):
-        for p in self.out_dir.iterdir():
-            p.unlink()
+        clear_dir(self.out_dir)
 
     def __exit__(self, *exc):
         self.proc.terminate()
@@ -172,12 +150,7 @@ class NodeServe:
                 shutil.rmtree(d)
 
     def __exit__(self, *exc):
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, 30)
         self.log.close()
 
 
@@ -259,8 +232,7 @@ class StockSCP:
         return self
 
     def clear(self):
-        for p in self.out_dir.iterdir():
-            p.unlink()
+        clear_dir(self.out_dir)
 
     def __exit__(self, *exc):
         self.server.shutdown()
@@ -312,13 +284,7 @@ def main(argv=None) -> int:
     repeat = args.repeat or (1 if args.quick else 3)
     stock = not (args.no_stock or args.quick)
 
-    tmp = None
-    work = args.work
-    if work is None:
-        tmp = tempfile.TemporaryDirectory(prefix="cag-bench-large-", dir=os.environ.get("TMPDIR"))
-        work = Path(tmp.name)
-    work.mkdir(parents=True, exist_ok=True)
-    try:
+    with work_dir(args.work, "cag-bench-large-") as work:
         src = work / "large.dcm"
         t0 = time.perf_counter()
         make_large_xa(src, args.rows, args.rows, frames)
@@ -361,13 +327,7 @@ def main(argv=None) -> int:
         out = {"benchmark": "large_instance", "file_bytes": size, "shape": [frames, args.rows, args.rows],
                "repeat": repeat, "machine": machine(), "rows": rows,
                "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-        if args.json:
-            args.json.write_text(json.dumps(out, indent=2))
-        print(json.dumps(out))
-        return 0
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+        return emit(out, args.json)
 
 
 if __name__ == "__main__":

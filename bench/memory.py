@@ -23,7 +23,6 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from e2e import Node, ensure_bundle  # noqa: E402
+from benchlib import work_dir  # noqa: E402
 from large_instance import StoreSCP, machine, make_large_xa  # noqa: E402
 
 
@@ -118,12 +118,7 @@ def main(argv=None) -> int:
     bundle = None if args.no_process else args.bundle.resolve()
     if bundle is not None:
         ensure_bundle(bundle, args.quick)
-    tmp = None
-    work = args.work
-    if work is None:
-        tmp = tempfile.TemporaryDirectory(prefix="cag-bench-mem-")
-        work = Path(tmp.name)
-    try:
+    with work_dir(args.work, "cag-bench-mem-") as work:
         su = generate_uid()
         t0 = time.perf_counter()
         files = [make_large_xa(work / "study" / f"run{i:02d}.dcm", args.size, args.size, frames, su, seed=i)
@@ -231,9 +226,6 @@ def main(argv=None) -> int:
             args.json.write_text(json.dumps(out, indent=2))
         print(json.dumps(out))
         return 0 if (bundle is None or state == "sent") else 1
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
 
 if __name__ == "__main__":

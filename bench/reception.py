@@ -18,7 +18,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +30,8 @@ import numpy as np
 import yaml
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from benchlib import free_port, stop_process  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CAG_NODE = ROOT / ".venv" / "bin" / "cag-node"
@@ -63,12 +64,6 @@ def make_run(path: Path, study: str, rows: int, frames: int, seed: int) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -84,13 +79,7 @@ class Receiver:
     out_dir: Path
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 30)
 
 
 def start_node(work: Path, fsync: bool = True) -> Receiver:

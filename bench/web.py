@@ -27,7 +27,7 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests" / "web"))
+sys.path.insert(0, str(ROOT / "tests"))  # the test-support package cagtest
 from cagtest.web import make_dataset, pyscu_send, stow_body, web_config, write_dataset  # noqa: E402
 
 

@@ -1,33 +1,17 @@
-"""Helpers of the web tests (imported by name: tests/web is put on sys.path by its conftest)."""
+"""Helpers of the web tests (and bench/web.py): a web-enabled config, STOW bodies, synthetic runs."""
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 from dicom_node.config import parse_config
 from dicom_node.web.multipart import encode_multipart
+from cagtest.dicom import make_dataset, pyscu_send, write_dataset  # noqa: F401  (the web tests and bench use them)
 from cagtest.wait import wait_state  # noqa: F401  (re-exported for the web tests)
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTEFACTS = Path(os.environ.get("CAG_WEB_ARTEFACTS", ROOT / "build" / "test-artefacts" / "web"))
-
-
-def _load(rel: str, name: str):
-    """Another test folder's conftest as a module of its own (helpers shared, not copied)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / rel)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_core = _load("dicom_node/conftest.py", "_cag_web_core_helpers")
-make_dataset, write_dataset, pyscu_send = _core.make_dataset, _core.write_dataset, _core.pyscu_send
-
 
 
 def web_config(tmp_path: Path, **sections) -> object:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from cagtest.web import ARTEFACTS, _load, stow_body, wait_state, web_config
+from cagtest.pacs import StoreSCP
+from cagtest.web import ARTEFACTS, stow_body, wait_state, web_config
 
 
 @pytest.fixture
@@ -44,9 +45,7 @@ def processed(tmp_path_factory, quick_bundle):
     pacs = None
     dests = []
     if shutil.which("storescp"):
-        StoreSCP = _load("e2e/conftest.py", "_cag_web_e2e_helpers").StoreSCP
-
-        pacs = StoreSCP(tmp / "pacs").start()
+        pacs = StoreSCP(tmp / "pacs", aet="PACS", bit_preserving=True)
         dests = [{"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.port}]
     files = make_demo_study(tmp / "study", seed=77, quick=True)
     # The quick bundle's lesion model is barely trained: lower its peak threshold (as the
