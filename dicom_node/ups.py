@@ -504,7 +504,7 @@ class UPSService:
                 except UPSError as exc:  # another performer won the race
                     log.info("UPS %s not claimed: %s", u, exc.comment)
         if not todo and self.cfg.create_for_studies:
-            uid = self.create(None, _node_work_item(study_uid), self.config.node.ae_title, owner=NODE)
+            uid = self.create(None, work_item(study_uid), self.config.node.ae_title, owner=NODE)
             self.change_state(uid, IN_PROGRESS, generate_uid(), NODE)
             mine.append(uid)
         if mine:
@@ -641,15 +641,19 @@ def _matches(ds: Dataset, query: Dataset) -> bool:
     return True
 
 
-def _node_work_item(study_uid: str) -> Dataset:
-    """The work item the node creates for a study it processes on its own."""
+def work_item(study_uid: str, *, label: str = "CAG AI report", worklist: str = "CAG-NODE",
+              priority: str = "MEDIUM", start: Optional[str] = None, **attributes) -> Dataset:
+    """A SCHEDULED UPS for processing a study (``attributes``: more keywords, e.g. the patient's);
+    the node creates one per study it processes on its own (the defaults)."""
     ds = Dataset()
     ds.ProcedureStepState = SCHEDULED
-    ds.ProcedureStepLabel = "CAG AI report"
-    ds.WorklistLabel = "CAG-NODE"
-    ds.ScheduledProcedureStepPriority = "MEDIUM"
-    ds.ScheduledProcedureStepStartDateTime = _dt(utcnow())
+    ds.ProcedureStepLabel = label
+    ds.WorklistLabel = worklist
+    ds.ScheduledProcedureStepPriority = priority
+    ds.ScheduledProcedureStepStartDateTime = start or _dt(utcnow())
     ds.InputReadinessState = "READY"
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
     item = Dataset()
     item.StudyInstanceUID = study_uid
     item.TypeOfInstances = "DICOM"

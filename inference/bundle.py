@@ -129,24 +129,19 @@ class Bundle:
         self.manifest = manifest
 
     # -- paths --------------------------------------------------------------
-    def _at(self, rel: Optional[str]) -> Optional[Path]:
-        return self.root / rel if rel else None
+    def _part_path(section: str, attr: str):  # noqa: N805  (a property factory used in the class body)
+        def get(self) -> Optional[Path]:
+            part = getattr(self.manifest, section)
+            rel = getattr(part, attr) if part is not None else None
+            return self.root / rel if rel else None
 
-    @property
-    def selector_path(self) -> Optional[Path]:
-        return self._at(self.manifest.selector and self.manifest.selector.file)
+        return property(get, doc=f"The bundle's {section} ``{attr}`` as a path (None when absent).")
 
-    @property
-    def vlm_path(self) -> Optional[Path]:
-        return self._at(self.manifest.vlm and self.manifest.vlm.path)
-
-    @property
-    def lesions_path(self) -> Optional[Path]:
-        return self._at(self.manifest.lesions and self.manifest.lesions.file)
-
-    @property
-    def adapter_path(self) -> Optional[Path]:
-        return self._at(self.manifest.vlm and self.manifest.vlm.adapter)
+    selector_path = _part_path("selector", "file")
+    vlm_path = _part_path("vlm", "path")
+    lesions_path = _part_path("lesions", "file")
+    adapter_path = _part_path("vlm", "adapter")
+    del _part_path
 
     # -- identity -----------------------------------------------------------
     @property

@@ -13,6 +13,14 @@ XA_CLASS = "1.2.840.10008.5.1.4.1.1.12.1"
 CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
 
 
+def dataset(**attributes) -> Dataset:
+    """A data set of keyword=value attributes (sequences as lists of data sets)."""
+    ds = Dataset()
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
 def xa_dataset(study_uid: Optional[str] = None, series_uid: Optional[str] = None, sop_uid: Optional[str] = None,
                *, pixels: Optional[np.ndarray] = None, frames: int = 8, rows: int = 64, cols: Optional[int] = None,
                seed: int = 0, patient_name: str = "Test^Synthetic", patient_id: str = "SYN0001",

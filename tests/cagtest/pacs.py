@@ -13,6 +13,23 @@ from typing import Optional
 
 from cagtest.net import free_port
 
+def stopped_after(create):
+    """For a fixture (``yield from``): ``make(...)`` creates a peer with ``create(...)``; every peer
+    made is stopped at teardown."""
+    made = []
+
+    def make(*args, **kwargs):
+        peer = create(*args, **kwargs)
+        made.append(peer)
+        return peer
+
+    try:
+        yield make
+    finally:
+        for peer in made:
+            peer.stop()
+
+
 SR_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.11"}
 VERIFICATION = "1.2.840.10008.1.1"
 PACS_AET = "RELPACS"
@@ -127,3 +144,38 @@ class RecordingSCP:
         """{SR SOP Instance UID: times stored} (for one study if given)."""
         return {u: n for u, n in self.stored.items() if self.by_class.get(u) in SR_CLASSES
                 and (study_uid is None or self.study_of.get(u) == study_uid)}
+
+
+class SilentPeer:
+    """Accepts TCP connections and never answers: a hung PACS or a hung remote model."""
+
+    def __init__(self, port: int = 0):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.conns = []
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(c)
+
+    def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() of the loop thread
+        except OSError:
+            pass
+        self.sock.close()
+        time.sleep(0.2)
+        for c in list(self.conns):
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()

@@ -8,7 +8,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 
+from dicom_node import ups
 from dicom_node.scu import dimse_status
+from cagtest.dicom import dataset
 from cagtest.net import wait_for  # noqa: F401  (the workflow tests import it from here)
 
 MPPS = "1.2.840.10008.3.1.2.3.3"
@@ -63,42 +65,21 @@ class SCU:
 
 
 def mpps_create_ds(study_uid: str) -> Dataset:
-    ds = Dataset()
-    ds.PerformedProcedureStepStatus = "IN PROGRESS"
-    ds.Modality = "XA"
-    ds.PerformedProcedureStepID = "PPS1"
-    ds.PerformedStationAETitle = "MODALITY"
-    ds.PerformedProcedureStepStartDate = "20260101"
-    ds.PerformedProcedureStepStartTime = "101010"
-    item = Dataset()
-    item.StudyInstanceUID = study_uid
-    item.AccessionNumber = ""
-    ds.ScheduledStepAttributesSequence = [item]
-    ds.PerformedSeriesSequence = []
-    return ds
+    return dataset(PerformedProcedureStepStatus="IN PROGRESS", Modality="XA", PerformedProcedureStepID="PPS1",
+                   PerformedStationAETitle="MODALITY", PerformedProcedureStepStartDate="20260101",
+                   PerformedProcedureStepStartTime="101010", PerformedSeriesSequence=[],
+                   ScheduledStepAttributesSequence=[dataset(StudyInstanceUID=study_uid, AccessionNumber="")])
 
 
 def mpps_set_ds(status: str, series: dict[str, list[str]], sop_class: str) -> Dataset:
-    ds = Dataset()
-    ds.PerformedProcedureStepStatus = status
-    ds.PerformedProcedureStepEndDate = "20260101"
-    ds.PerformedProcedureStepEndTime = "111111"
-    seq = []
-    for series_uid, sops in series.items():
-        s = Dataset()
-        s.SeriesInstanceUID = series_uid
-        s.RetrieveAETitle = "MODALITY"
-        refs = []
-        for uid in sops:
-            r = Dataset()
-            r.ReferencedSOPClassUID = sop_class
-            r.ReferencedSOPInstanceUID = uid
-            refs.append(r)
-        s.ReferencedImageSequence = refs
-        s.ReferencedNonImageCompositeSOPInstanceSequence = []
-        seq.append(s)
-    ds.PerformedSeriesSequence = seq
-    return ds
+    return dataset(
+        PerformedProcedureStepStatus=status, PerformedProcedureStepEndDate="20260101",
+        PerformedProcedureStepEndTime="111111",
+        PerformedSeriesSequence=[dataset(
+            SeriesInstanceUID=series_uid, RetrieveAETitle="MODALITY",
+            ReferencedImageSequence=[dataset(ReferencedSOPClassUID=sop_class, ReferencedSOPInstanceUID=uid)
+                                     for uid in sops],
+            ReferencedNonImageCompositeSOPInstanceSequence=[]) for series_uid, sops in series.items()])
 
 
 class RecordingNSCP:
@@ -148,59 +129,27 @@ class RecordingNSCP:
 
 # -- UPS data sets -------------------------------------------------------------------
 def work_item(study_uid: str, label: str = "CAG AI report") -> Dataset:
-    ds = Dataset()
-    ds.ProcedureStepState = "SCHEDULED"
-    ds.ProcedureStepLabel = label
-    ds.WorklistLabel = "AI"
-    ds.ScheduledProcedureStepPriority = "HIGH"
-    ds.ScheduledProcedureStepStartDateTime = "20260101101010"
-    ds.InputReadinessState = "READY"
-    ds.PatientName = "Test^Synthetic"
-    ds.PatientID = "SYN0001"
-    item = Dataset()
-    item.StudyInstanceUID = study_uid
-    item.TypeOfInstances = "DICOM"
-    ds.InputInformationSequence = [item]
-    return ds
+    """A SCHEDULED work item as a RIS would push it (dicom_node.ups.work_item, with a patient)."""
+    return ups.work_item(study_uid, label=label, worklist="AI", priority="HIGH", start="20260101101010",
+                         PatientName="Test^Synthetic", PatientID="SYN0001")
 
 
 def change(state: str, txn: str) -> Dataset:
-    ds = Dataset()
-    ds.ProcedureStepState = state
-    ds.TransactionUID = txn
-    return ds
+    return dataset(ProcedureStepState=state, TransactionUID=txn)
 
 
 def subscribe(ae: str, lock: bool = False) -> Dataset:
-    ds = Dataset()
-    ds.ReceivingAE = ae
-    ds.DeletionLock = "TRUE" if lock else "FALSE"
-    return ds
+    return dataset(ReceivingAE=ae, DeletionLock="TRUE" if lock else "FALSE")
 
 
 def progress(txn: str, pct: int, text: str = "") -> Dataset:
-    ds = Dataset()
-    ds.TransactionUID = txn
-    p = Dataset()
-    p.ProcedureStepProgress = pct
-    p.ProcedureStepProgressDescription = text
-    ds.ProcedureStepProgressInformationSequence = [p]
-    return ds
+    return dataset(TransactionUID=txn, ProcedureStepProgressInformationSequence=[
+        dataset(ProcedureStepProgress=pct, ProcedureStepProgressDescription=text)])
 
 
 def outputs(txn: str, study: str, sr_uid: str) -> Dataset:
-    ds = Dataset()
-    ds.TransactionUID = txn
-    perf = Dataset()
-    perf.PerformedProcedureStepStartDateTime = "20260101101011"
-    out = Dataset()
-    out.TypeOfInstances = "DICOM"
-    out.StudyInstanceUID = study
-    out.SeriesInstanceUID = generate_uid()
-    ref = Dataset()
-    ref.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.33"
-    ref.ReferencedSOPInstanceUID = sr_uid
-    out.ReferencedSOPSequence = [ref]
-    perf.OutputInformationSequence = [out]
-    ds.UnifiedProcedureStepPerformedProcedureSequence = [perf]
-    return ds
+    ref = dataset(ReferencedSOPClassUID="1.2.840.10008.5.1.4.1.1.88.33", ReferencedSOPInstanceUID=sr_uid)
+    out = dataset(TypeOfInstances="DICOM", StudyInstanceUID=study, SeriesInstanceUID=generate_uid(),
+                  ReferencedSOPSequence=[ref])
+    return dataset(TransactionUID=txn, UnifiedProcedureStepPerformedProcedureSequence=[
+        dataset(PerformedProcedureStepStartDateTime="20260101101011", OutputInformationSequence=[out])])

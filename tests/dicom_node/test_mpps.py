@@ -107,16 +107,24 @@ def test_mpps_missing_instance_falls_back_to_quiet_period(make_node, tmp_path):
     assert row["mpps"][0]["completion"] == "timed_out" and row["mpps"][0]["n_listed"] == 2
 
 
-def test_mpps_discontinued_skip_is_not_processed(make_node, tmp_path):
-    calls, process = _recorder()
-    node = make_node(process_fn=process, processing__enabled=True, completion__quiet_seconds=1,
-                     mpps__on_discontinued="skip")
+def _discontinued(node, tmp_path, listed_missing: int) -> tuple[str, str]:
+    """One run of a new study sent, then its MPPS created and DISCONTINUED listing it (and
+    ``listed_missing`` instances that never come); returns (study, MPPS UID)."""
     study, mpps_uid = generate_uid(), generate_uid()
     series, files = _files(tmp_path, study, 1)
     assert pyscu_send(node.port, [files[0][1]]) == [0]
     with SCU(node.port) as scu:
         assert scu.n_create(mpps_create_ds(study), MPPS, mpps_uid)[0] == 0
-        assert scu.n_set(mpps_set_ds("DISCONTINUED", {series: [files[0][0]]}, XA_CLASS), MPPS, mpps_uid)[0] == 0
+        listed = {series: [files[0][0]] + [generate_uid() for _ in range(listed_missing)]}
+        assert scu.n_set(mpps_set_ds("DISCONTINUED", listed, XA_CLASS), MPPS, mpps_uid)[0] == 0
+    return study, mpps_uid
+
+
+def test_mpps_discontinued_skip_is_not_processed(make_node, tmp_path):
+    calls, process = _recorder()
+    node = make_node(process_fn=process, processing__enabled=True, completion__quiet_seconds=1,
+                     mpps__on_discontinued="skip")
+    study, mpps_uid = _discontinued(node, tmp_path, listed_missing=0)
     st = wait_for(lambda: (s := node.journal.get_study(study)).state == "failed" and s, timeout=6)
     assert st and st.stage == "mpps" and "DISCONTINUED" in st.error
     time.sleep(0.5)
@@ -127,13 +135,7 @@ def test_mpps_discontinued_process_processes_what_arrived(make_node, tmp_path):
     calls, process = _recorder()
     node = make_node(process_fn=process, processing__enabled=True, completion__quiet_seconds=600,
                      mpps__on_discontinued="process")
-    study, mpps_uid = generate_uid(), generate_uid()
-    series, files = _files(tmp_path, study, 1)
-    assert pyscu_send(node.port, [files[0][1]]) == [0]
-    with SCU(node.port) as scu:
-        assert scu.n_create(mpps_create_ds(study), MPPS, mpps_uid)[0] == 0
-        listed = {series: [files[0][0], generate_uid()]}  # one never came: processed anyway
-        assert scu.n_set(mpps_set_ds("DISCONTINUED", listed, XA_CLASS), MPPS, mpps_uid)[0] == 0
+    study, mpps_uid = _discontinued(node, tmp_path, listed_missing=1)  # one never came: processed anyway
     assert wait_for(lambda: calls, timeout=5)
     assert node.mpps.get(mpps_uid)["completion"] == "triggered"
 

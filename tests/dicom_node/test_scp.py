@@ -139,19 +139,17 @@ def test_unlisted_calling_ae_refused(node, study_dir, tmp_path):
     assert node.journal.get_study(study) is None
 
     from pynetdicom import AE
-    ae = AE(ae_title="INTRUDER")
-    ae.add_requested_context("1.2.840.10008.1.1")
-    a = ae.associate("127.0.0.1", node.port, ae_title="CAGNODE")
-    assert a.is_rejected
-    p = a.acceptor.primitive
-    assert (p.result, p.result_source, p.diagnostic) == (0x01, 0x01, 0x03)
-    # called AE title wrong: reason 7
-    ae2 = AE(ae_title="PYSCU")
-    ae2.add_requested_context("1.2.840.10008.1.1")
-    a2 = ae2.associate("127.0.0.1", node.port, ae_title="NOTUS")
-    assert a2.is_rejected
-    p2 = a2.acceptor.primitive
-    assert (p2.result, p2.result_source, p2.diagnostic) == (0x01, 0x01, 0x07)
+
+    def rejection(calling: str, called: str) -> tuple:
+        ae = AE(ae_title=calling)
+        ae.add_requested_context("1.2.840.10008.1.1")
+        a = ae.associate("127.0.0.1", node.port, ae_title=called)
+        assert a.is_rejected
+        p = a.acceptor.primitive
+        return p.result, p.result_source, p.diagnostic
+
+    assert rejection("INTRUDER", "CAGNODE") == (0x01, 0x01, 0x03)  # calling AE not allowed: reason 3
+    assert rejection("PYSCU", "NOTUS") == (0x01, 0x01, 0x07)  # called AE title wrong: reason 7
 
 
 def _status_class(s):

@@ -9,7 +9,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from cagtest.dicom import make_dataset, pyscu_send, write_dataset
+from cagtest.dicom import dataset, make_dataset, pyscu_send, write_dataset
 from cagtest.node import node_config
 from cagtest.workflow import change, outputs, progress, subscribe, work_item, SCU, UPS_PULL, UPS_PUSH, UPS_WATCH, RecordingNSCP, wait_for
 
@@ -56,12 +56,7 @@ def test_ups_full_lifecycle_with_event_reports(make_node, watcher):
 
 
 def _query(state: str) -> Dataset:
-    q = Dataset()
-    q.ProcedureStepState = state
-    q.SOPInstanceUID = ""
-    q.ProcedureStepLabel = ""
-    q.ScheduledProcedureStepPriority = ""
-    return q
+    return dataset(ProcedureStepState=state, SOPInstanceUID="", ProcedureStepLabel="", ScheduledProcedureStepPriority="")
 
 
 def test_ups_wrong_transaction_and_illegal_transitions_refused(make_node, watcher):

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
-import threading
 from pathlib import Path
 
 import pydicom
@@ -20,6 +18,7 @@ import pytest
 from dicom_node.config import parse_config
 
 from dicom_node.demo import free_port
+from cagtest.pacs import SilentPeer
 from cagtest.wait import wait_state
 
 pytestmark = pytest.mark.slow
@@ -160,37 +159,11 @@ def test_non_angiography_study_still_gets_an_sr(tmp_path, demo_bundle, storescp)
     assert "not analysed" in text.lower() or "no coronary" in text.lower()
 
 
-class _SilentServer:
-    """Accepts TCP connections and never answers: a hung remote model."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.port = self.sock.getsockname()[1]
-        self.conns = []
-        self._t = threading.Thread(target=self._accept, daemon=True)
-        self._t.start()
-
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            self.conns.append(c)
-
-    def close(self):
-        for c in self.conns:
-            c.close()
-        self.sock.close()
-
-
 @pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed")
 def test_hung_model_fails_the_study_not_the_node(tmp_path, demo_bundle, held_out_study, storescp):
     from dicom_node.node import Node
 
-    hung = _SilentServer()
+    hung = SilentPeer()
     cfg = node_config(tmp_path, demo_bundle, storescp.port, storescp.aet,
                       vlm={"backend": "openai", "url": f"http://127.0.0.1:{hung.port}/v1", "model": "x",
                            "timeout_s": 60, "retries": 0},

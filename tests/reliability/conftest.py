@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 
-from cagtest.reliability import NodeProc, RecordingSCP, node_config
+from cagtest.pacs import RecordingSCP, stopped_after
+from cagtest.reliability import NodeProc, node_config
 
 
 def pytest_collection_modifyitems(items):
@@ -61,16 +62,8 @@ def nodes(tmp_path):
 
 @pytest.fixture
 def pacs_factory(tmp_path):
-    made: list[RecordingSCP] = []
-
-    def make(name: str = "pacs", **kw) -> RecordingSCP:
-        scp = RecordingSCP(tmp_path / name, **kw)
-        made.append(scp)
-        return scp
-
-    yield make
-    for s in made:
-        s.stop()
+    """``make(name="pacs", **kw)``: a RecordingSCP (started by its user)."""
+    yield from stopped_after(lambda name="pacs", **kw: RecordingSCP(tmp_path / name, **kw))
 
 
 def need_tool(name: str):

@@ -8,12 +8,11 @@ answering the association request (ACSE timeout).
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 
 import pytest
 
+from cagtest.pacs import SilentPeer
 from cagtest.reliability import NO_VLM, assert_results_once, db_outbox, db_study, make_study, send_files, wait_for
 
 FAST_OUTBOX = {"retry_base_s": 0.3, "retry_max_s": 1.0, "poll_s": 0.2}
@@ -62,45 +61,11 @@ def test_pacs_refusing_then_accepting(nodes, pacs_factory, rel_bundle, tmp_path)
     assert rows and all(r[2] == "sent" for r in rows), rows
 
 
-class _Mute:
-    """Accepts TCP connections on a port and never answers (a hung PACS)."""
-
-    def __init__(self, port: int):
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
-        self.sock.listen(16)
-        self.conns = []
-        threading.Thread(target=self._loop, daemon=True).start()
-
-    def _loop(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            self.conns.append(c)
-
-    def close(self):
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() of the loop thread
-        except OSError:
-            pass
-        self.sock.close()
-        time.sleep(0.2)
-        for c in list(self.conns):
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            c.close()
-
-
 def test_pacs_slow_association_then_slow_dimse(nodes, pacs_factory, rel_bundle, tmp_path):
     """First the PACS never answers the association request (ACSE timeout), then it answers C-STORE
     only after the node's DIMSE timeout: the node retries; the result lands; one SR per study."""
     pacs = pacs_factory(delays=[6.0])
-    mute = _Mute(pacs.port)
+    mute = SilentPeer(pacs.port)
     node = nodes(bundle=rel_bundle, destinations=[pacs.destination()], vlm=NO_VLM, outbox=FAST_OUTBOX,
                  node={"acse_timeout": 2, "dimse_timeout": 3, "network_timeout": 10})
     node.start()

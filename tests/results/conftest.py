@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
 
 
-from cagtest.pacs import StoreSCP
+from cagtest.pacs import StoreSCP, stopped_after
 from cagtest.results import OrthancPeer, make_result, make_xa
 
 
@@ -27,28 +26,10 @@ def study():
 def orthanc_factory(tmp_path):
     if shutil.which("Orthanc") is None:
         pytest.skip("Orthanc not on PATH")
-    peers: list[OrthancPeer] = []
-
-    def make(name: str = "orthanc", aet: str = "ORTHANC") -> OrthancPeer:
-        p = OrthancPeer(tmp_path / name, aet=aet)
-        peers.append(p)
-        return p
-
-    yield make
-    for p in peers:
-        p.stop()
+    yield from stopped_after(lambda name="orthanc", aet="ORTHANC": OrthancPeer(tmp_path / name, aet=aet))
 
 @pytest.fixture
 def storescp_factory(tmp_path):
     if shutil.which("storescp") is None:
         pytest.skip("storescp not on PATH")
-    peers: list[StoreSCP] = []
-
-    def make(name: str = "storescp", **kw) -> StoreSCP:
-        p = StoreSCP(tmp_path / name, **kw)
-        peers.append(p)
-        return p
-
-    yield make
-    for p in peers:
-        p.stop()
+    yield from stopped_after(lambda name="storescp", **kw: StoreSCP(tmp_path / name, **kw))
