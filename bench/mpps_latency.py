@@ -73,9 +73,9 @@ class Destination:
             return self.arrived[study]
 
 
-def stub_process(node, study_uid: str) -> dict:
+def stub_process(ctx, study_uid: str) -> dict:
     """A one-item SR, queued in the outbox in the publishing commit (as the pipeline does)."""
-    node.journal.advance_stage(study_uid, "encode")
+    ctx.journal.advance_stage(study_uid, "encode")
     ds = Dataset()
     ds.SOPClassUID = BASIC_TEXT_SR
     ds.SOPInstanceUID = generate_uid()
@@ -90,10 +90,8 @@ def stub_process(node, study_uid: str) -> dict:
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    p = Path(node.config.spool_dir) / "results" / study_uid / f"SR_{ds.SOPInstanceUID}.dcm"
-    p.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(p, enforce_file_format=True)
-    node.journal.publish_results(study_uid, lambda s: node.outbox.enqueue_in(
+    p = ctx.spool.write_result(study_uid, "SR", ds)
+    ctx.journal.publish_results(study_uid, lambda s: ctx.outbox.enqueue_in(
         s, study_uid, [(str(ds.SOPInstanceUID), str(p))], supersede=True))
     return {"results": [{"kind": "SR", "sop_instance_uid": str(ds.SOPInstanceUID), "path": str(p)}]}
 

@@ -97,7 +97,7 @@ class ModelsConfig(_Strict):
 
 
 class ProcessingConfig(_Strict):
-    """What happens to a complete study (the pipeline stages of issue 7)."""
+    """What happens to a complete study (the pipeline stages: frames, selector, lesions, vlm, encode)."""
 
     enabled: bool = True
     workers: int = Field(1, ge=1, le=16)
@@ -131,7 +131,8 @@ class LesionsConfig(_Strict):
 
 
 class VLMConfig(_Strict):
-    backend: Literal["bundle", "transformers", "openai", "none"] = "bundle"
+    # a name registered with inference.vlm.register_backend (bundle, transformers, openai), or none
+    backend: str = "bundle"
     path: Optional[str] = None  # local model dir overriding the bundle's
     adapter: Optional[str] = None  # local LoRA adapter dir
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -149,6 +150,15 @@ class VLMConfig(_Strict):
     api_key_env: Optional[str] = None
     timeout_s: float = Field(120.0, gt=0)
     retries: int = Field(3, ge=0)
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        from inference.vlm import backend_names
+
+        if v != "none" and v not in backend_names():
+            raise ValueError(f"unknown VLM backend {v!r}: one of {', '.join(backend_names() + ['none'])}")
+        return v
 
 
 class Destination(_Strict):

@@ -9,10 +9,11 @@ Start-up order matters for restart safety:
 3. completion timers are re-armed from the journal's ``last_received``;
 4. only then does the listener accept associations, and workers claim jobs.
 
-Processing is another area's module (``dicom_node.pipeline.process_study``);
-it is imported lazily so a node without it still receives, completes studies
-and leaves them ``waiting`` (logged once).  The pipeline sets study states
-itself; if it raises, the job and the study are marked failed here.
+Processing is ``dicom_node.pipeline.process_study(context, study_uid)``, handed a
+:class:`~dicom_node.context.NodeContext`; it is imported lazily so a node without it
+still receives, completes studies and leaves them ``waiting`` (logged once).  The
+pipeline moves its study through the journal's transitions itself; if it raises, the
+job and the study are failed here (``Journal.abandon_job``).
 """
 
 from __future__ import annotations

@@ -36,9 +36,10 @@ class BundleError(RuntimeError):
 
 
 class Preprocessing(BaseModel):
-    """How a frame becomes model input; training and serving both read this."""
+    """How a frame becomes model input; training and serving both read this.  Strict: a key
+    this code does not know is a step it would not apply, so the bundle is refused."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
     input_size: int = 224
     channels: int = 1  # grayscale; replicated if the model wants 3
     mean: float = 0.5
@@ -50,9 +51,11 @@ class Preprocessing(BaseModel):
 
 
 class _ModelPart(BaseModel):
-    """What every model of a bundle records: its checksum, version, how it was trained, how it measured."""
+    """What every model of a bundle records: its checksum, version, how it was trained, how it
+    measured.  Strict (an unknown key is refused with its name); ``training`` and ``metrics`` are
+    free-form."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
     sha256: Optional[str] = None
     version: str = "0"
     training: dict[str, Any] = Field(default_factory=dict)
@@ -61,6 +64,13 @@ class _ModelPart(BaseModel):
 
 class SelectorSpec(_ModelPart):
     file: str = "selector.onnx"
+    # what the exporter records about the ONNX graph (training/selector/export.py)
+    input_name: str = "input"
+    output: str = "logits"
+    opset: Optional[int] = None
+    precision: str = "fp32"
+    quantization: Optional[Any] = None
+    parity: dict[str, Any] = Field(default_factory=dict)
     arch: str = "convnext_atto"
     classes: list[str] = Field(default_factory=lambda: list(CLASS_NAMES))
     preprocessing: Preprocessing = Field(default_factory=Preprocessing)
@@ -93,7 +103,9 @@ class LesionSpec(_ModelPart):
 
 
 class Manifest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """``manifest.json``: strict, like its sections (an unknown key is refused with its name)."""
+
+    model_config = ConfigDict(extra="forbid")
     name: str = "cag-vlm"
     version: str = "0.1.0"
     created: str = ""
@@ -102,6 +114,7 @@ class Manifest(BaseModel):
     selector: Optional[SelectorSpec] = None
     vlm: Optional[VLMSpec] = None
     lesions: Optional[LesionSpec] = None
+    heldout_metrics: dict[str, Any] = Field(default_factory=dict)  # the demo build measures itself
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

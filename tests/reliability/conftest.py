@@ -31,7 +31,7 @@ def pytest_collection_modifyitems(items):
 def pytest_configure(config):
     config.addinivalue_line("markers", "reliability: kill -9, failing peers, hostile inputs, security")
     config.addinivalue_line(
-        "markers", "known_defect(where): fails because of a defect reported in another area's code "
+        "markers", "known_defect(where): fails because of a known defect in the code named "
         "(assertions unchanged; deselect with -m 'not known_defect' until it is fixed)")
 
 

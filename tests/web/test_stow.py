@@ -122,14 +122,14 @@ def test_serve_prints_the_web_url_and_stops_cleanly(tmp_path):
 
     import yaml
 
-    from cagtest.web import _core
+    from cagtest.node import NodeProcess
 
     cfg = {"node": {"port": 0, "allowed_calling_aets": ["PYSCU"]},
            "storage": {"path": str(tmp_path / "spool"), "journal": f"sqlite:///{tmp_path / 'j.db'}", "min_free_mb": 1},
            "processing": {"enabled": False}, "admin": {"enabled": False}, "web": {"enabled": True, "port": 0}}
     p = tmp_path / "config.yaml"
     p.write_text(yaml.safe_dump(cfg))
-    proc = _core.NodeProcess(p).start()
+    proc = NodeProcess(p).start()
     try:
         m = re.search(r"; web (http://127\.0\.0\.1:\d+)$", proc.ready_line)
         assert m, proc.ready_line
