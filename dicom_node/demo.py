@@ -24,7 +24,6 @@ import threading
 import time
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Optional
 
 import pydicom
 
@@ -129,33 +128,11 @@ def send_files(files: list[Path], host: str, port: int, called: str, calling: st
 
 
 def _sr_text(path: Path) -> dict[str, dict[str, str]]:
-    """Pull the per-language report sections out of an SR (for printing)."""
-    ds = pydicom.dcmread(path)
-    out: dict[str, dict[str, str]] = {}
+    """The per-language report texts of an SR, by concept meaning (for printing)."""
+    from dicom_node.sr_templates import CagReport
 
-    def lang_of(item) -> Optional[str]:
-        for mod in getattr(item, "ContentSequence", []) or []:
-            if getattr(mod, "RelationshipType", "") == "HAS CONCEPT MOD" and hasattr(mod, "ConceptCodeSequence"):
-                code = mod.ConceptCodeSequence[0].CodeValue
-                if code.lower().startswith("ja"):
-                    return "ja"
-                if code.lower().startswith("en"):
-                    return "en"
-        return None
-
-    def walk(items, lang):
-        for it in items or []:
-            this_lang = lang_of(it) or lang
-            if it.get("ValueType") == "TEXT" and "ConceptNameCodeSequence" in it:
-                name = it.ConceptNameCodeSequence[0].CodeMeaning
-                d = out.setdefault(this_lang or "-", {})
-                text = str(it.TextValue)
-                # several comments (draft statement, a language disagreement): keep them all
-                d[name] = d[name] + "\n    " + text if name in d and text not in d[name] else text
-            walk(getattr(it, "ContentSequence", None), this_lang)
-
-    walk(ds.get("ContentSequence"), None)
-    return out
+    doc = CagReport.from_dataset(pydicom.dcmread(path))
+    return {n.language: n.by_meaning() for n in doc.narratives}
 
 
 def _print_reference(studies_jsonl: Path) -> None:

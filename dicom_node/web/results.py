@@ -10,27 +10,16 @@ the newest SR is the current one.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import pydicom
 
+from dicom_node.sr_templates import CagReport, KeyFrameRef  # noqa: F401  (KeyFrameRef: the pages use it)
+
 log = logging.getLogger(__name__)
 
-_CONF = re.compile(r"confidence (\d+(?:\.\d+)?)")
-_KF = re.compile(r"(\d+) \(([^,]+), (\d+(?:\.\d+)?)\)")
-SIDE_BY_CODE = {"50018008": "LCA", "13647002": "RCA"}
-SECTION_BY_CODE = {"59776-5": "findings", "19005-8": "impression", "18783-1": "recommendation"}
-
-
-@dataclass
-class KeyFrameRef:
-    sop_instance_uid: str
-    frame_number: int
-    label: str = ""
-    score: Optional[float] = None
 
 
 @dataclass
@@ -107,106 +96,21 @@ def result_files(results_dir: Path) -> list[ResultFile]:
     return out
 
 
-def _code(item, attr="ConceptNameCodeSequence") -> tuple[str, str]:
-    seq = item.get(attr)
-    if not seq:
-        return "", ""
-    return str(seq[0].get("CodeValue", "")), str(seq[0].get("CodeMeaning", ""))
-
-
-def _image_ref(item) -> tuple[Optional[str], Optional[int]]:
-    ref = item.get("ReferencedSOPSequence")
-    if not ref:
-        return None, None
-    r = ref[0]
-    fn = r.get("ReferencedFrameNumber")
-    if isinstance(fn, (list, pydicom.multival.MultiValue)):
-        fn = fn[0] if fn else None
-    return str(r.ReferencedSOPInstanceUID), int(fn) if fn not in (None, "") else None
-
-
 def read_report(sr: ResultFile) -> StudyReport:
+    """The SR's content, read back through the SR templates (``dicom_node.sr_templates``)."""
     ds = pydicom.dcmread(sr.path)
+    doc = CagReport.from_dataset(ds)
     rep = StudyReport(sr=sr, completion=str(ds.get("CompletionFlag", "")),
-                      verification=str(ds.get("VerificationFlag", "")))
-    for item in ds.get("ContentSequence", []):
-        code, meaning = _code(item)
-        vt = item.get("ValueType")
-        if vt == "TEXT" and code == "121106":
-            rep.statements.append(str(item.TextValue))
-        elif vt == "CONTAINER" and code == "CAG010":
-            rep.narratives.append(_narrative(item))
-        elif vt == "CONTAINER" and code == "121180":
-            rep.runs.extend(_run(r) for r in item.get("ContentSequence", []) if _code(r)[0] == "CAG021")
-        elif vt == "CONTAINER" and code == "121070":
-            rep.lesions.extend(_lesion(g) for g in item.get("ContentSequence", []) if _code(g)[0] == "125007")
-        elif vt == "CONTAINER" and code == "CAG030":
-            rep.not_analysed.extend(str(t.TextValue) for t in item.get("ContentSequence", [])
-                                    if t.get("ValueType") == "TEXT")
+                      verification=str(ds.get("VerificationFlag", "")), statements=list(doc.statements),
+                      not_analysed=list(doc.not_analysed))
+    for n in doc.narratives:
+        rep.narratives.append(Narrative(language=n.language, statements=n.statements, **n.sections))
+    for r in doc.runs:
+        rep.runs.append(RunView(sop_instance_uid=r.sop_instance_uid, laterality=r.laterality,
+                                confidence=r.confidence, key_frames=r.key_frames, description=r.description))
+    for m in doc.lesions:
+        uid, frame, x, y = m.location
+        rep.lesions.append(LesionView(name=m.name, site=m.site, finding=m.finding, stenosis_pct=m.stenosis_pct,
+                                      confidence=m.confidence, sop_instance_uid=uid, frame_number=frame, x=x, y=y,
+                                      comment=m.comment))
     return rep
-
-
-def _narrative(c) -> Narrative:
-    n = Narrative(language="")
-    for it in c.get("ContentSequence", []):
-        code, _ = _code(it)
-        if code == "121049":
-            n.language = _code(it, "ConceptCodeSequence")[0]
-        elif it.get("ValueType") == "TEXT" and code == "121106":
-            n.statements.append(str(it.TextValue))
-        elif it.get("ValueType") == "TEXT" and code in SECTION_BY_CODE:
-            setattr(n, SECTION_BY_CODE[code], str(it.TextValue))
-    return n
-
-
-def _run(c) -> RunView:
-    side, desc, frames, sop = "", "", [], ""
-    for it in c.get("ContentSequence", []):
-        code, _ = _code(it)
-        if code == "123014":
-            side = SIDE_BY_CODE.get(_code(it, "ConceptCodeSequence")[0], _code(it, "ConceptCodeSequence")[1])
-        elif it.get("ValueType") == "TEXT":
-            desc = str(it.TextValue)
-        elif it.get("ValueType") == "IMAGE":
-            uid, fn = _image_ref(it)
-            sop = uid or sop
-            if fn is not None:
-                frames.append(KeyFrameRef(uid, fn))
-    m = _CONF.search(desc)
-    # the comment lists "frame (label, score)" per key frame, in the same order
-    tail = desc.split("key frames", 1)[-1]
-    details = {int(a): (b, float(c)) for a, b, c in _KF.findall(tail)}
-    for k in frames:
-        if k.frame_number in details:
-            k.label, k.score = details[k.frame_number]
-    return RunView(sop_instance_uid=sop, laterality=side, confidence=float(m.group(1)) if m else None,
-                   key_frames=frames, description=desc)
-
-
-def _lesion(g) -> LesionView:
-    v = LesionView(name="", site="", finding="", stenosis_pct=None, confidence=None, sop_instance_uid=None,
-                   frame_number=None, x=None, y=None)
-    for it in g.get("ContentSequence", []):
-        code, _ = _code(it)
-        vt = it.get("ValueType")
-        if code == "112039":
-            v.name = str(it.TextValue)
-        elif code == "121071":
-            v.finding = _code(it, "ConceptCodeSequence")[1]
-        elif code == "363698007":
-            v.site = _code(it, "ConceptCodeSequence")[1]
-        elif code == "111012" and vt == "NUM":
-            v.confidence = float(it.MeasuredValueSequence[0].NumericValue)
-        elif code == "408715008" and vt == "NUM":
-            v.stenosis_pct = float(it.MeasuredValueSequence[0].NumericValue)
-            for sc in it.get("ContentSequence", []):
-                if sc.get("ValueType") == "SCOORD" and _code(sc)[0] == "111010":
-                    pts = [float(p) for p in sc.GraphicData]
-                    v.x, v.y = pts[0], pts[1]
-                    for img in sc.get("ContentSequence", []):
-                        uid, fn = _image_ref(img)
-                        if uid:
-                            v.sop_instance_uid, v.frame_number = uid, fn
-        elif code == "121106" and vt == "TEXT":
-            v.comment = str(it.TextValue)
-    return v

@@ -19,6 +19,7 @@ from dicom_node.config import parse_config
 
 from dicom_node.demo import free_port
 from cagtest.pacs import SilentPeer
+from dicom_node.sr_templates import CagReport
 from cagtest.wait import wait_state
 
 pytestmark = pytest.mark.slow
@@ -93,18 +94,15 @@ def test_study_in_sr_and_kos_out(tmp_path, demo_bundle, held_out_study, storescp
     # Every key frame referenced by the SR points at a received run and a real frame number.
     sent = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID):
             int(pydicom.dcmread(f, stop_before_pixels=True).NumberOfFrames) for f in held_out_study}
-    images = [it for vt, _, it in sr_items(sr) if vt == "IMAGE"]
-    assert images, "the SR references no key frame"
-    for it in images:
-        ref = it.ReferencedSOPSequence[0]
-        assert ref.ReferencedSOPInstanceUID in sent
-        for fn in ref.get("ReferencedFrameNumber", []) if isinstance(ref.get("ReferencedFrameNumber"), list) \
-                else [ref.get("ReferencedFrameNumber")]:
-            assert fn is None or 1 <= int(fn) <= sent[ref.ReferencedSOPInstanceUID]
-    texts = [it.TextValue for vt, _, it in sr_items(sr) if vt == "TEXT"]
-    assert any("synthetic" in t.lower() for t in texts), "demo SR must say a synthetic-data model wrote it"
-    assert any(any("\u3040" <= ch <= "\u30ff" or "\u4e00" <= ch <= "\u9fff" for ch in t) for t in texts), \
-        "no Japanese text in the SR"
+    doc = CagReport.from_dataset(sr)
+    key_frames = [k for r in doc.runs for k in r.key_frames]
+    assert key_frames, "the SR references no key frame"
+    for k in key_frames:
+        assert k.sop_instance_uid in sent and 1 <= k.frame_number <= sent[k.sop_instance_uid]
+    assert any("synthetic" in t.lower() for t in doc.statements), "demo SR must say a synthetic-data model wrote it"
+    ja = doc.narrative("ja")
+    assert ja is not None and any("\u3040" <= ch <= "\u30ff" or "\u4e00" <= ch <= "\u9fff"
+                                  for t in ja.sections.values() for ch in t), "no Japanese text in the SR"
 
     if shutil.which("dciodvfy"):
         for p in storescp.files():
