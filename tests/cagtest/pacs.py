@@ -3,6 +3,7 @@ pynetdicom storage SCP whose answers the test scripts (:class:`RecordingSCP`).""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import threading
@@ -62,13 +63,13 @@ class StoreSCP:
         return sorted(p for p in self.root.iterdir() if p.is_file())
 
     def stop(self) -> None:
+        """SIGTERM, then SIGKILL if storescp is still there after 5 s."""
+        self.proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
         if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+            self.proc.kill()
+            self.proc.wait(5)
 
 
 class RecordingSCP:
