@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -85,16 +84,13 @@ def storescu(files, port, called):
         raise RuntimeError(r.stderr[-2000:])
 
 
-def study_state(journal: Path, su: str):
+def study_state(node, su: str):
+    """(state, stage, error) of a study, as ``cag-node studies --json`` tells (not SQL on the journal)."""
     try:
-        con = sqlite3.connect(f"file:{journal}?mode=ro", uri=True, timeout=5)
-        try:
-            row = con.execute("SELECT state, stage, error FROM studies WHERE study_uid = ?", (su,)).fetchone()
-        finally:
-            con.close()
-        return row or (None, None, None)
-    except sqlite3.Error:
+        row = next((r for r in node.studies() if r["study_uid"] == su), None)
+    except (RuntimeError, ValueError):
         return (None, None, None)
+    return (row["state"], row["stage"], row["error"]) if row else (None, None, None)
 
 
 MB = 1024 * 1024
@@ -145,7 +141,6 @@ def main(argv=None) -> int:
                                              "port": dest.port}],
                               storage={"min_free_mb": 1024}, logging={"level": "WARNING"})
             node = Node(work / "node", cfg).start()
-            journal = work / "node" / "journal.db"
             try:
                 s = RSSSampler(node.proc.pid).start()
                 time.sleep(1.5)
@@ -159,7 +154,7 @@ def main(argv=None) -> int:
                     warm = make_large_xa(work / "warm" / "w.dcm", 256, 256, 12, wsu, seed=99)
                     storescu([warm], node.port, "CAGNODE")
                     deadline = time.monotonic() + 900
-                    while time.monotonic() < deadline and study_state(journal, wsu)[0] not in ("sent", "failed"):
+                    while time.monotonic() < deadline and study_state(node, wsu)[0] not in ("sent", "failed"):
                         time.sleep(0.3)
                     time.sleep(1.0)
                     loaded = s.last
@@ -176,7 +171,7 @@ def main(argv=None) -> int:
                 if bundle is not None:
                     deadline = time.monotonic() + 3600
                     while time.monotonic() < deadline:
-                        state, stage, err = study_state(journal, su)
+                        state, stage, err = study_state(node, su)
                         if state in ("sent", "failed"):
                             break
                         if state == "processing" and stage:

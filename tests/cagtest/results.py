@@ -1,9 +1,8 @@
-"""Helpers for the results-area tests (SR/KOS encoding, outbox, SCU).
+"""Helpers of the results tests (SR/KOS encoding, outbox, SCU).
 
-Test inputs are built by hand: small XA multi-frame datasets (pydicom) and
+Test inputs: small XA multi-frame datasets (``cagtest.dicom.xa_dataset``) and
 StudyResult/RunSelection/ReportText/ModelInfo from inference.types.  Peers
 (Orthanc, storescp) are started per test on free ports and killed at the end.
-Imported as ``reshelp`` (tests/results is put on sys.path by its conftest).
 """
 
 from __future__ import annotations
