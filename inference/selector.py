@@ -116,8 +116,7 @@ class Selector:
         except Exception as exc:
             raise SelectorError(f"cannot load selector model {path}: {exc}") from exc
         self.input_name = self.session.get_inputs()[0].name
-        extra = spec.model_extra or {}
-        self.output_is_probs = str(extra.get("output", "logits")).lower().startswith("prob")
+        self.output_is_probs = str(spec.output).lower().startswith("prob")  # (a declared manifest key)
         n_out = self.session.get_outputs()[0].shape[-1]
         if isinstance(n_out, int) and n_out != len(CLASS_NAMES):
             raise SelectorError(f"selector model has {n_out} outputs, expected {len(CLASS_NAMES)}")

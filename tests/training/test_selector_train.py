@@ -79,7 +79,7 @@ def test_export_int8_reports_drift(tiny, tmp_path):
     assert 0 <= d["max_abs_prob_diff"] <= 1 and 0 <= d["argmax_agreement"] <= 1
     assert "accuracy_int8" in d
     bundle = Bundle.load(b)  # sha256 verified
-    assert bundle.manifest.selector.model_extra["precision"] == "int8"
+    assert bundle.manifest.selector.precision == "int8"
     p = Selector(bundle).predict(np.zeros((3, 1, 32, 32), np.float32))
     assert p.shape == (3, 6)
     sec = export_bundle(tiny["best"], tmp_path / "bd", int8=True, int8_method="dynamic")

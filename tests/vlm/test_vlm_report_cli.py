@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from cagtest.node import CAG_NODE
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -33,7 +35,7 @@ def study_and_bundle(tmp_path_factory, tiny_bundle):
 def test_report_json(study_and_bundle, tmp_path):
     files, bundle = study_and_bundle
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    cmd = [str(ROOT / ".venv/bin/cag-node"), "report", *files, "--bundle", str(bundle), "--json"]
+    cmd = [CAG_NODE, "report", *files, "--bundle", str(bundle), "--json"]
     if not Path(cmd[0]).exists():
         cmd = [sys.executable, "-m", "dicom_node.cli", *cmd[1:]]
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -53,6 +55,6 @@ def test_report_json(study_and_bundle, tmp_path):
 
 
 def test_report_missing_bundle(tmp_path):
-    cmd = [str(ROOT / ".venv/bin/cag-node"), "report", str(tmp_path / "x.dcm"), "--bundle", str(tmp_path / "nope")]
+    cmd = [CAG_NODE, "report", str(tmp_path / "x.dcm"), "--bundle", str(tmp_path / "nope")]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "manifest.json" in out.stderr
