@@ -21,6 +21,9 @@ def register_train(sub) -> None:
                    help="train on crops of this size (the model serves whole frames); 0 = whole frames")
     p.add_argument("--whole-every", type=int, default=0, metavar="K",
                    help="every K-th step trains on whole frames (segment naming needs the whole tree); 0 = never")
+    p.add_argument("--fade", type=float, default=0.0, metavar="P",
+                   help="fade the opacified vessels of a share P of the training frames by 0-70 %% (real "
+                        "vessels are fainter than synthetic ones); 0 = off")
     p.add_argument("--normalize", default="flatfield", choices=["flatfield", "none"])
     p.add_argument("--augment", default="sim2real", help="photometric augmentation: sim2real (no geometry) | none")
     p.add_argument("--time-budget", type=float, default=None, metavar="S", help="stop after S seconds")
@@ -34,7 +37,7 @@ def _train(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     summary = build_lesions(args.data, args.bundle, arch=args.arch, size=args.size, steps=args.steps,
-                            batch=args.batch, lr=args.lr, crop=args.crop, whole_every=args.whole_every, seed=args.seed, normalize=args.normalize,
+                            batch=args.batch, lr=args.lr, crop=args.crop, whole_every=args.whole_every, fade=args.fade, seed=args.seed, normalize=args.normalize,
                             augment=args.augment, time_budget_s=args.time_budget, threads=args.threads)
     print(json.dumps(summary, indent=2, default=str))
     return 0

@@ -88,7 +88,7 @@ def calibrate_threshold(bundle_dir: Path, ls, idx: np.ndarray, max_fp: float = 0
 
 def build_lesions(data_dir: str | Path, bundle_dir: str | Path, *, arch: str = "unet_tiny", size: int = 256,
                   steps: int = 800, batch: int = 12, lr: float = 3e-3, crop: int = 128, seed: int = 0,
-                  whole_every: int = 0, normalize: str = "flatfield",
+                  whole_every: int = 0, fade: float = 0.0, normalize: str = "flatfield",
                   augment: str = "sim2real", time_budget_s: Optional[float] = None, quick: bool = False,
                   threads: Optional[int] = None, tol: float = 1e-2) -> dict:
     """Train on ``data_dir`` (a synthetic set with targets), export ``bundle_dir/lesions.onnx``
@@ -106,7 +106,7 @@ def build_lesions(data_dir: str | Path, bundle_dir: str | Path, *, arch: str = "
     ls = load_lesion_set(data_dir, size)
     t_data = time.monotonic() - t0
     cfg = LesionTrainConfig(arch=arch, size=size, normalize=normalize, steps=steps, batch=batch, lr=lr, seed=seed,
-                            crop=crop if crop < size else 0, whole_every=whole_every,
+                            crop=crop if crop < size else 0, whole_every=whole_every, fade=fade,
                             augment=augment, time_budget_s=time_budget_s, threads=threads)
     model, hist = train_lesion_model(ls, cfg, progress=True)
     path = export_onnx(model, bundle_dir / "lesions.onnx", size, channels=3 if cfg.coords else 1)

@@ -52,6 +52,11 @@ class LesionTrainConfig:
     # segment is named by where a branch lies in the whole tree, which a crop cannot show.
     # 0 = crops only
     whole_every: int = 0
+    # probability that a training frame's opacified vessels are faded towards the background
+    # (by 0-70 %, through the vessel mask; the catheter, wires and edges stay as they are).
+    # Synthetic vessels are darker than real ones, so after the flatfield a real catheter looks
+    # like a synthetic artery; fading teaches that faint tubes are vessels too.  0 = off.
+    fade: float = 0.0
     val_fraction: float = 0.1
     seed: int = 0
     threads: Optional[int] = None
@@ -106,6 +111,26 @@ def lesion_losses(out, V, G, H, Sv) -> dict:
     return {"vessel": bce + dice.mean(), "segment": seg, "heatmap": heat, "severity": sev}
 
 
+def fade_vessels(d: np.ndarray, V: np.ndarray, rng, p: float, max_fade: float = 0.7) -> np.ndarray:
+    """Display frames ``d`` (N, S, S; vessels dark) with, for a share ``p`` of them, the pixels
+    of the vessel mask ``V`` (dilated one pixel) moved towards a local background (a grey
+    closing, which removes thin dark tubes) by a random 0-``max_fade``: fainter contrast filling,
+    same anatomy, the targets unchanged."""
+    from scipy import ndimage
+
+    out = d.copy()
+    for b in range(len(d)):
+        if rng.random() >= p:
+            continue
+        m = ndimage.binary_dilation(V[b] > 0.5, iterations=1)
+        if not m.any():
+            continue
+        bg = ndimage.grey_closing(d[b], size=(9, 9))
+        a = float(rng.uniform(0.0, max_fade))
+        out[b] = np.where(m, d[b] + a * np.maximum(bg - d[b], 0.0), d[b])
+    return out
+
+
 def _batch(ls: LesionSet, idx: np.ndarray, cfg: LesionTrainConfig, aug=None, rng=None, crop: int = 0):
     """Inputs and targets of frames ``idx``.  The serving path runs on the whole frame (the
     flatfield normalisation sees all of it); with ``crop`` a window is then cut from input and
@@ -113,6 +138,8 @@ def _batch(ls: LesionSet, idx: np.ndarray, cfg: LesionTrainConfig, aug=None, rng
     import torch
 
     d = ls.D[idx].astype(np.float32)
+    if cfg.fade > 0 and rng is not None:
+        d = fade_vessels(d, ls.V[idx], rng, cfg.fade)
     if aug is not None:
         d = aug(d)
     x = finish_input(d, cfg.preprocessing(), field=None if ls.F is None else ls.F[idx])
