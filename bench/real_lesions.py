@@ -32,7 +32,6 @@ scalars and networkx graphs.
 from __future__ import annotations
 
 import argparse
-import json
 import pickle
 import sys
 from pathlib import Path
@@ -42,14 +41,19 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from training.lesions.cli import print_metrics  # noqa: E402
+
 DEFAULT_DATA = ROOT.parent / "realdata" / "cadml" / "revised-dataset"
 
-_SAFE_BUILTINS = {"dict", "list", "tuple", "set", "frozenset", "str", "int", "float"}
+# the classes the cad-ml pickles need, nothing else (a pickle can name any callable)
+_SAFE = {("builtins", "dict"), ("builtins", "list"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+         ("numpy._core.multiarray", "scalar"), ("networkx.classes.graph", "Graph"),
+         ("networkx.classes.reportviews", "DegreeView"), ("networkx.classes.coreviews", "AdjacencyView")}
 
 
 class _SafeUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
-        if (module == "builtins" and name in _SAFE_BUILTINS) or module.split(".")[0] in ("numpy", "networkx"):
+        if (module, name) in _SAFE:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing {module}.{name}")
 
@@ -114,7 +118,7 @@ def evaluate(bundle: str, data: Path, tol: float = 3.0, near: float = 5.0, margi
                    and (p / "segmentation.png").is_file())
     if max_cases:
         cases = cases[:max_cases]
-    inter = psum = tsum = 0
+    inter = psum = tsum = pixels = 0
     cl_hit = cl_tot = 0
     near_hit = pred_tot = 0
     dices = []
@@ -136,6 +140,7 @@ def evaluate(bundle: str, data: Path, tol: float = 3.0, near: float = 5.0, margi
         inter += i
         psum += int(pred.sum())
         tsum += int(truth.sum())
+        pixels += truth.size
         dices.append(2 * i / max(1, pred.sum() + truth.sum()))
         d_pred = ndimage.distance_transform_edt(~pred)
         d_truth = ndimage.distance_transform_edt(~truth)
@@ -185,8 +190,8 @@ def evaluate(bundle: str, data: Path, tol: float = 3.0, near: float = 5.0, margi
         "vessel_dice_mean": round(float(np.mean(dices)), 4) if n else None,
         "centreline_recall": round(cl_hit / cl_tot, 4) if cl_tot else None,
         "precision_near": round(near_hit / pred_tot, 4) if pred_tot else None,
-        "predicted_vessel_fraction": round(psum / max(1, n * 512 * 512), 4),
-        "expert_vessel_fraction": round(tsum / max(1, n * 512 * 512), 4),
+        "predicted_vessel_fraction": round(psum / max(1, pixels), 4),
+        "expert_vessel_fraction": round(tsum / max(1, pixels), 4),
         "stenosis_boxes": n_roi,
         "roi_recall": round(roi_found / n_roi, 4) if n_roi else None,
         "outside_per_frame": round(outside / n, 3) if n else None,
@@ -211,11 +216,7 @@ def main(argv=None) -> int:
         return 0
     m = evaluate(args.bundle, data, threads=args.threads, max_cases=args.max_cases,
                  out=Path(args.out) if args.out else None)
-    if args.json:
-        print(json.dumps(m, indent=2))
-    else:
-        for k, v in m.items():
-            print(f"{k:28s} {v}")
+    print_metrics(m, args.json)
     return 0
 
 

@@ -66,9 +66,14 @@ def _evaluate(args) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"cag-node evaluate lesions: {exc}", file=sys.stderr)
         return 2
-    if args.json:
+    print_metrics(m, args.json)
+    return 0
+
+
+def print_metrics(m: dict, as_json: bool) -> None:
+    """Metrics as JSON, or one ``name value`` line each."""
+    if as_json:
         print(json.dumps(m, indent=2))
     else:
         for k, v in m.items():
             print(f"{k:28s} {v}")
-    return 0
