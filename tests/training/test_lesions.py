@@ -184,3 +184,17 @@ def test_report_json_lesions_and_templated_draft(lesion_bundle, lesion_data, tmp
     en = res["report"]["en"]
     assert en["format_ok"] and "coronary angiography" in en["findings"].lower()
     assert res["model"]["lesions"].startswith("unet_tiny")
+
+
+def test_fade_vessels_lightens_only_the_masked_vessels():
+    from training.lesions.train import fade_vessels
+
+    d = np.full((2, 32, 32), 0.6, np.float32)
+    V = np.zeros((2, 32, 32), np.uint8)
+    d[:, 16, 4:28] = 0.1  # a dark vessel, in the mask
+    V[:, 16, 4:28] = 1
+    d[:, 4:28, 8] = 0.1  # a dark catheter, not in the mask
+    out = fade_vessels(d, V, np.random.default_rng(3), p=1.0, max_fade=0.7)
+    assert np.all(out[:, 16, 12:28] >= d[:, 16, 12:28]) and np.any(out[:, 16, 12:28] > 0.15)
+    assert np.array_equal(out[:, 4:12, 8], d[:, 4:12, 8])  # the catheter away from the vessel is kept
+    assert np.array_equal(fade_vessels(d, V, np.random.default_rng(3), p=0.0), d)
