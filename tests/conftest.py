@@ -53,3 +53,49 @@ def quick_bundle(request, tmp_path_factory) -> Path:
     cache = getattr(request.config, "cache", None)
     root = Path(cache.mkdir("cag-quick-bundle")) if cache is not None else tmp_path_factory.mktemp("quick-bundle")
     return cached_quick_bundle(root)
+
+
+# One throw-away PostgreSQL server per session (cagtest.postgres), for every journal test that
+# runs on PostgreSQL too.  CI sets CAG_REQUIRE_POSTGRES=1: there a missing server is a failure.
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A running :class:`cagtest.postgres.PostgresServer`, or the URL's server, or a skip."""
+    from cagtest.postgres import PostgresServer, find_bin_dir
+
+    required = os.environ.get("CAG_REQUIRE_POSTGRES") == "1"
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        if required:
+            pytest.fail("CAG_REQUIRE_POSTGRES=1 but psycopg is not installed")
+        pytest.skip("psycopg not installed (pip install -e '.[postgres]')")
+    url = os.environ.get("CAG_TEST_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    if find_bin_dir() is None:
+        if required:
+            pytest.fail("CAG_REQUIRE_POSTGRES=1 but no PostgreSQL server binaries (apt-get install postgresql)")
+        pytest.skip("no PostgreSQL server binaries (apt-get install postgresql)")
+    srv = PostgresServer.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server, request) -> str:
+    """An empty database of its own for one test (on the session's server)."""
+    if isinstance(postgres_server, str):  # an outside server: one schema, dropped per test
+        from dicom_node import db
+
+        eng = db.create_engine(postgres_server)
+        db.create_all(eng)
+        db.Base.metadata.drop_all(eng)
+        eng.dispose()
+        return postgres_server
+    import re
+
+    name = "t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:50]
+    return postgres_server.fresh_database(name)

@@ -11,25 +11,13 @@ import pytest
 from dicom_node.journal import Journal, utcnow
 
 
-POSTGRES_URL = os.environ.get("CAG_TEST_POSTGRES_URL")  # e.g. postgresql+psycopg://cag@127.0.0.1:55432/postgres
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def journal(request, tmp_path):
-    """The same tests on SQLite and, when CAG_TEST_POSTGRES_URL is set, on PostgreSQL."""
+    """The same tests on SQLite and on PostgreSQL (a throw-away server: tests/conftest.py)."""
     if request.param == "sqlite":
         j = Journal(f"sqlite:///{tmp_path / 'j.db'}")
     else:
-        if not POSTGRES_URL:
-            pytest.skip("set CAG_TEST_POSTGRES_URL to run the journal tests on PostgreSQL")
-        pytest.importorskip("psycopg")
-        from dicom_node import db
-
-        eng = db.create_engine(POSTGRES_URL)
-        db.create_all(eng)
-        db.Base.metadata.drop_all(eng)  # a clean schema per test
-        eng.dispose()
-        j = Journal(POSTGRES_URL)
+        j = Journal(request.getfixturevalue("postgres_url"))
     yield j
     j.close()
 
