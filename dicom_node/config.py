@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -56,6 +57,22 @@ class NodeConfig(_Strict):
     dimse_timeout: float = Field(60.0, gt=0)
     network_timeout: float = Field(60.0, gt=0)
     max_associations: int = Field(16, ge=1)
+    # Several nodes on one journal (docs/scale-out.md): each needs its own id (default: the
+    # host name).  A node's claims on jobs and sends are leases it renews every lease_s/3; a
+    # dead node's are taken over by the others once lease_s has passed without a renewal.
+    id: Optional[str] = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    lease_s: float = Field(60.0, ge=2.0)
+    # Receiver processes on the one port (SO_REUSEPORT): "auto" = the number of CPU cores.  The
+    # extra processes receive (spool, journal, completion); jobs, sends, MPPS/UPS, admin and web
+    # stay in the first.  A node with MPPS or UPS enabled receives in one process.
+    processes: Union[int, Literal["auto"]] = "auto"
+
+    @field_validator("processes")
+    @classmethod
+    def _processes(cls, v):
+        if v != "auto" and not (1 <= int(v) <= 64):
+            raise ValueError("processes is 1-64 or 'auto'")
+        return v
 
     @field_validator("ae_title")
     @classmethod
@@ -307,6 +324,19 @@ class Config(_Strict):
     @property
     def bundle_dir(self) -> Path:
         return self.resolve(self.models.bundle)
+
+    @property
+    def node_id(self) -> str:
+        """This node's id in the journal's claims (``node.id``, default the host name)."""
+        return self.node.id or socket.gethostname()
+
+    @property
+    def receiver_processes(self) -> int:
+        """How many processes receive on the port (``node.processes``; 1 with MPPS or UPS)."""
+        if self.mpps.enabled or self.ups.enabled:
+            return 1
+        n = self.node.processes
+        return max(1, os.cpu_count() or 1) if n == "auto" else int(n)
 
     @property
     def journal_url(self) -> str:

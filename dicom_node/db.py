@@ -43,5 +43,30 @@ def make_sessionmaker(engine: sa.Engine) -> sessionmaker:
 
 
 def create_all(engine: sa.Engine) -> None:
-    """Create every table (those of the modules imported above)."""
+    """Create every table (those of the modules imported above), then add the nullable columns
+    a journal made by an older release lacks (``add_missing_columns``)."""
     Base.metadata.create_all(engine)
+    add_missing_columns(engine)
+
+
+def add_missing_columns(engine: sa.Engine) -> list[str]:
+    """``ALTER TABLE ... ADD COLUMN`` for every nullable column of ``Base`` that an existing
+    table lacks (columns are only ever added, nullable, so an old journal opens as it was and
+    its rows read NULL there).  Returns ``table.column`` for each column added."""
+    added: list[str] = []
+    with engine.begin() as conn:  # one connection: SQLite's BEGIN IMMEDIATE would lock out a second
+        insp = sa.inspect(conn)
+        for table in Base.metadata.sorted_tables:
+            if not insp.has_table(table.name):
+                continue
+            have = {c["name"] for c in insp.get_columns(table.name)}
+            for col in table.columns:
+                if col.name in have:
+                    continue
+                if not col.nullable:
+                    raise RuntimeError(f"journal table {table.name} lacks the required column {col.name}; "
+                                       "it was made by an incompatible release")
+                ddl = col.type.compile(dialect=engine.dialect)
+                conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN {col.name} {ddl}')
+                added.append(f"{table.name}.{col.name}")
+    return added

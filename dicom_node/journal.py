@@ -22,8 +22,10 @@ Public values are frozen dataclasses (``StudyRecord``, ``InstanceRecord``,
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable, Optional
@@ -101,6 +103,8 @@ class JobRecord:
     started_at: Optional[datetime]
     finished_at: Optional[datetime]
     error: Optional[str]
+    claimed_by: Optional[str] = None  # "<node id>:<pid>:<random>" of the process running it
+    lease_until: Optional[datetime] = None  # when another node may take it over
 
 
 @dataclass(frozen=True)
@@ -136,7 +140,7 @@ def _job(j: Job) -> JobRecord:
     return JobRecord(
         id=j.id, study_uid=j.study_uid, kind=j.kind, state=j.state, attempts=j.attempts,
         created_at=_aware(j.created_at), started_at=_aware(j.started_at), finished_at=_aware(j.finished_at),
-        error=j.error,
+        error=j.error, claimed_by=j.claimed_by, lease_until=_aware(j.lease_until),
     )
 
 
@@ -189,10 +193,14 @@ def _retrying(fn):
 class Journal:
     """Thread-safe: every method opens its own short session/transaction."""
 
-    def __init__(self, url: str, owner: Optional[str] = None):
-        """``owner`` identifies this node's host in ``jobs.claimed_by`` (default: the hostname)."""
+    def __init__(self, url: str, owner: Optional[str] = None, lease_s: float = 60.0):
+        """``owner`` is this node's id (``node.id``; default the host name): its claims on jobs
+        are ``token`` = ``<owner>:<pid>:<random>`` in ``jobs.claimed_by``, leases of ``lease_s``
+        seconds that :meth:`renew_leases` extends.  Nodes sharing a journal need distinct ids."""
         self.url = url
         self.owner = owner or socket.gethostname()
+        self.token = f"{self.owner}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.lease_s = float(lease_s)
         self.engine = db.create_engine(url)
         if self.engine.dialect.name == "sqlite":
             _begin_immediate(self.engine)
@@ -373,8 +381,10 @@ class Journal:
         error = (error or "")[:2000]
         now = utcnow()
         with self.sessionmaker.begin() as s:
-            s.execute(sa.update(Job).where(Job.id == job_id)
-                      .values(state=JobState.FAILED, finished_at=now, error=error))
+            res = s.execute(sa.update(Job).where(self._my_job(job_id))
+                            .values(state=JobState.FAILED, finished_at=now, error=error, lease_until=None))
+            if res.rowcount != 1:  # another node took the job over: the study is its business now
+                return False
             st = s.get(Study, study_uid, with_for_update=True)
             if st is None or st.state == StudyState.RECEIVING:
                 return False
@@ -411,22 +421,42 @@ class Journal:
         A study that a late instance has reopened (``receiving``), and perhaps
         already completed again (``waiting``, a new job queued), is left alone and
         False is returned, so the running pipeline stops instead of publishing
-        results of half the study before the new job runs.
+        results of half the study before the new job runs.  So is a study whose job another
+        node has taken over (this process stalled past its lease).
         """
         states = (StudyState.WAITING, StudyState.PROCESSING) if first else (StudyState.PROCESSING,)
         with self.sessionmaker.begin() as s:
+            if self._fenced(s, study_uid):  # another node took the job over: this runner stops
+                return False
             res = s.execute(sa.update(Study).where(Study.study_uid == study_uid,
                                                    Study.state.in_(states))
                             .values(state=StudyState.PROCESSING, stage=stage, error=None, updated_at=utcnow()))
             return res.rowcount == 1
 
     def fail_processing(self, study_uid: str, stage: str, error: str) -> bool:
-        """``failed`` with stage and error, unless the study was reopened meanwhile."""
+        """``failed`` with stage and error, unless the study was reopened meanwhile (or another
+        node took its job over)."""
         with self.sessionmaker.begin() as s:
+            if self._fenced(s, study_uid):
+                return False
             res = s.execute(sa.update(Study).where(Study.study_uid == study_uid,
                                                    Study.state.in_((StudyState.WAITING, StudyState.PROCESSING)))
                             .values(state=StudyState.FAILED, stage=stage, error=error, updated_at=utcnow()))
             return res.rowcount == 1
+
+    def _fenced(self, s, study_uid: str) -> Optional[str]:
+        """The claim of another process on the study's running process job when this process
+        holds none (its lease expired while it stalled and another node took the job over): then
+        nothing this process concludes about the study may be written.  None otherwise."""
+        running = s.scalars(sa.select(Job.claimed_by).where(
+            Job.study_uid == study_uid, Job.kind == PROCESS, Job.state == JobState.RUNNING)).all()
+        if running and self.token not in running:
+            return running[0] or "(unknown)"
+        return None
+
+    def _my_job(self, job_id: int):
+        """The job, while this process holds it (or nobody does: a release before leases)."""
+        return sa.and_(Job.id == job_id, sa.or_(Job.claimed_by == self.token, Job.claimed_by.is_(None)))
 
     def publish_results(self, study_uid: str, in_transaction=None) -> bool:
         """Finish a study's processing in ONE commit: state ``reported``, the running
@@ -441,12 +471,18 @@ class Journal:
             st = s.get(Study, study_uid, with_for_update=True)
             if st is None or st.state != StudyState.PROCESSING:
                 return False
+            other = self._fenced(s, study_uid)
+            if other:  # another node took the job over: its results, not these, are the study's
+                log.warning("study %s: not publishing, its job is now %s's", study_uid, other)
+                return False
             st.state = StudyState.REPORTED
             st.stage = "outbox"
             st.error = None
             st.updated_at = now
             s.execute(sa.update(Job).where(Job.study_uid == study_uid, Job.kind == PROCESS,
-                                           Job.state == JobState.RUNNING).values(state=JobState.DONE, finished_at=now,
+                                           Job.state == JobState.RUNNING,
+                                           sa.or_(Job.claimed_by == self.token, Job.claimed_by.is_(None)))
+                      .values(state=JobState.DONE, finished_at=now,
                                                                           error=None))
             if in_transaction is not None:
                 in_transaction(s)
@@ -527,29 +563,72 @@ class Journal:
             s.get(Study, study_uid, with_for_update=True)  # serialise the queued-job check per study
             return _job(self._enqueue(s, study_uid, kind, utcnow()))
 
+    def _lease(self, now: datetime) -> datetime:
+        return now + timedelta(seconds=self.lease_s)
+
+    def _expired_job(self, now: datetime):
+        """A running job whose runner stopped renewing its lease (a dead node's); a job claimed by
+        a release without leases counts from its start."""
+        return sa.and_(Job.state == JobState.RUNNING, sa.or_(
+            Job.lease_until < now,
+            sa.and_(Job.lease_until.is_(None), Job.started_at < now - timedelta(seconds=self.lease_s))))
+
     def claim_job(self, kind: str = PROCESS) -> Optional[JobRecord]:
-        """Atomically take the oldest queued job (queued -> running), or None."""
+        """Atomically take the oldest queued job, or a dead node's whose lease expired
+        (-> running, claimed by :attr:`token` with a lease), or None.
+
+        On PostgreSQL the candidate row is locked ``FOR UPDATE SKIP LOCKED``, so nodes claiming
+        at the same moment take different jobs instead of queueing on one row; SQLite's
+        ``BEGIN IMMEDIATE`` serialises claims anyway.  The update re-checks the condition, so a
+        job is never claimed twice.
+        """
         while True:
+            now = utcnow()
+            claimable = sa.and_(Job.kind == kind, sa.or_(Job.state == JobState.QUEUED, self._expired_job(now)))
             with self.sessionmaker.begin() as s:
-                job_id = s.scalar(sa.select(Job.id).where(Job.state == JobState.QUEUED, Job.kind == kind)
-                                  .order_by(Job.id).limit(1))
-                if job_id is None:
+                row = s.execute(sa.select(Job.id, Job.state, Job.claimed_by).where(claimable).order_by(Job.id)
+                                .limit(1).with_for_update(skip_locked=True)).first()
+                if row is None:
                     return None
-                res = s.execute(sa.update(Job).where(Job.id == job_id, Job.state == JobState.QUEUED)
-                                .values(state=JobState.RUNNING, started_at=utcnow(), attempts=Job.attempts + 1,
-                                        claimed_by=self.owner))
+                res = s.execute(sa.update(Job).where(Job.id == row.id, claimable)
+                                .values(state=JobState.RUNNING, started_at=now, attempts=Job.attempts + 1,
+                                        claimed_by=self.token, lease_until=self._lease(now)))
                 if res.rowcount == 1:
-                    return _job(s.get(Job, job_id))
+                    if row.state == JobState.RUNNING:
+                        log.warning("took over job %d of study %s: its runner (%s) stopped renewing its lease",
+                                    row.id, s.get(Job, row.id).study_uid, row.claimed_by)
+                    return _job(s.get(Job, row.id))
             # another worker (or node) took it first: try the next one
 
-    def finish_job(self, job_id: int) -> None:
+    def renew_leases(self) -> int:
+        """Extend the leases of the jobs this process runs (the node calls this every
+        ``lease_s / 3``); returns how many."""
+        now = utcnow()
         with self.sessionmaker.begin() as s:
-            s.execute(sa.update(Job).where(Job.id == job_id).values(state=JobState.DONE, finished_at=utcnow(), error=None))
+            res = s.execute(sa.update(Job).where(Job.claimed_by == self.token, Job.state == JobState.RUNNING)
+                            .values(lease_until=self._lease(now)))
+            return res.rowcount or 0
 
-    def fail_job(self, job_id: int, error: str) -> None:
+    def holds_job(self, job_id: int) -> bool:
+        """Whether this process still holds ``job_id`` (running, claimed by :attr:`token`)."""
+        with self.sessionmaker() as s:
+            j = s.get(Job, job_id)
+            return j is not None and j.state == JobState.RUNNING and j.claimed_by == self.token
+
+    def finish_job(self, job_id: int) -> bool:
+        """``done`` -- unless another node has taken the job over (returns False)."""
         with self.sessionmaker.begin() as s:
-            s.execute(sa.update(Job).where(Job.id == job_id)
-                      .values(state=JobState.FAILED, finished_at=utcnow(), error=(error or "")[:4000]))
+            res = s.execute(sa.update(Job).where(self._my_job(job_id))
+                            .values(state=JobState.DONE, finished_at=utcnow(), error=None, lease_until=None))
+            return res.rowcount == 1
+
+    def fail_job(self, job_id: int, error: str) -> bool:
+        """``failed`` -- unless another node has taken the job over (returns False)."""
+        with self.sessionmaker.begin() as s:
+            res = s.execute(sa.update(Job).where(self._my_job(job_id))
+                            .values(state=JobState.FAILED, finished_at=utcnow(), error=(error or "")[:4000],
+                                    lease_until=None))
+            return res.rowcount == 1
 
     def get_job(self, job_id: int) -> Optional[JobRecord]:
         with self.sessionmaker() as s:
@@ -565,13 +644,20 @@ class Journal:
                 q = q.where(Job.state == state)
             return [_job(j) for j in s.scalars(q).all()]
 
+    def mine(self, column):
+        """Claims of this node id by any of its processes (``<owner>:...``; a bare ``<owner>`` or
+        NULL: a release before leases) -- at start-up, a dead earlier process's."""
+        return sa.or_(column == self.owner, column.startswith(self.owner + ":", autoescape=True),
+                      column.is_(None))
+
     def requeue_running_jobs(self) -> int:
-        """At start-up: jobs this host's dead process left 'running' go back to 'queued'."""
+        """At start-up: jobs an earlier process of this node id left 'running' go back to
+        'queued' (another node's are left alone: they are taken over when their lease expires)."""
         with self.sessionmaker.begin() as s:
-            mine = sa.or_(Job.claimed_by == self.owner, Job.claimed_by.is_(None))
+            mine = self.mine(Job.claimed_by)
             studies = s.scalars(sa.select(Job.study_uid).where(Job.state == JobState.RUNNING, mine)).all()
             res = s.execute(sa.update(Job).where(Job.state == JobState.RUNNING, mine)
-                            .values(state=JobState.QUEUED, started_at=None, claimed_by=None))
+                            .values(state=JobState.QUEUED, started_at=None, claimed_by=None, lease_until=None))
             n = res.rowcount or 0
             # Their studies were mid-processing; they wait again.
             if studies:

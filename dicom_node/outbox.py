@@ -12,9 +12,11 @@ shared ``Base`` of :mod:`dicom_node.tables`).  A row moves::
 * A row is claimed (``sending``) in its own committed transaction before the
   network send, and marked ``sent`` in the transaction that follows the peer's
   success response — before the next file is sent.
-* A row left ``sending`` by a crash is made ``pending`` again by :meth:`Outbox.start`
-  (and by :meth:`Outbox.recover`), and by any pass once its claim is older than
-  ``claim_timeout_s``.
+* A claim is a lease (``lease_until``) that the claiming process renews every third of
+  ``node.lease_s`` while it sends.  A row left ``sending`` by a crash of this node is made
+  ``pending`` again by :meth:`Outbox.start` (:meth:`Outbox.recover`); one left by another node
+  (several nodes on one PostgreSQL journal, docs/scale-out.md) only once its lease has expired,
+  when any node's pass takes it over.  A live node's sends are never taken.
 
 Delivery guarantee: **at-least-once on the network, exactly one journal row per
 (object, destination)**.  If the node dies after the peer stored an object but
@@ -140,15 +142,15 @@ class Outbox:
         self.session_factory = session_factory
         self.on_study_sent = on_study_sent
         self.on_study_failed = on_study_failed
-        node = config.node
-        self.claim_timeout_s = claim_timeout_s if claim_timeout_s is not None else (
-            node.acse_timeout + 2 * node.dimse_timeout + node.network_timeout + 60)
+        # the lease of a claim: renewed every third of it while the claimant lives
+        self.claim_timeout_s = float(claim_timeout_s if claim_timeout_s is not None else config.node.lease_s)
+        self.node_id = config.node_id
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._scheduler = None
         self._job_id = f"outbox-{uuid.uuid4().hex[:8]}"
-        self._token = f"{os.uname().nodename}:{os.getpid()}:{self._job_id}"
+        self._token = f"{self.node_id}:{os.getpid()}:{self._job_id}"
 
     # ------------------------------------------------------------------ config
     @property
@@ -228,33 +230,67 @@ class Outbox:
         return retry_study_db(self.session_factory, study_uid)
 
     # ------------------------------------------------------------------ lifecycle
+    def _mine(self):
+        """Claims by any process of this node id (or by nobody: a release before node ids)."""
+        c = OutboxRow.claimed_by
+        return sa.or_(c.is_(None), c == self.node_id, c.startswith(self.node_id + ":", autoescape=True))
+
+    def _stale(self, now: _dt.datetime):
+        """A ``sending`` row whose claimant stopped renewing its lease (a claim made before
+        leases counts from its attempt)."""
+        return sa.and_(OutboxRow.state == SENDING, sa.or_(
+            OutboxRow.lease_until < now,
+            sa.and_(OutboxRow.lease_until.is_(None),
+                    OutboxRow.last_attempt_at < now - _dt.timedelta(seconds=self.claim_timeout_s))))
+
     def recover(self) -> int:
-        """Make rows left ``sending`` (by a crash) ``pending`` again; returns how many."""
+        """At start-up: rows an earlier process of this node left ``sending`` (a crash) are
+        ``pending`` again, and so are other nodes' whose lease expired; a live node's
+        in-flight sends are left alone.  Returns how many."""
+        now = utcnow()
         with self.session_factory() as s, s.begin():
-            res = s.execute(sa.update(OutboxRow).where(OutboxRow.state == SENDING)
-                            .values(state=PENDING, claimed_by=None, next_attempt_at=utcnow()))
+            res = s.execute(sa.update(OutboxRow).where(
+                OutboxRow.state == SENDING,
+                sa.or_(OutboxRow.claimed_by.is_(None), OutboxRow.claimed_by != self._token),
+                sa.or_(self._mine(), self._stale(now)))
+                .values(state=PENDING, claimed_by=None, lease_until=None, next_attempt_at=now)
+                .execution_options(synchronize_session=False))
             n = res.rowcount or 0
         if n:
             log.info("outbox: %d row(s) left sending by an earlier run are pending again", n)
         return n
 
+    def renew(self) -> int:
+        """Extend the leases of the rows this process is sending; returns how many."""
+        now = utcnow()
+        with self.session_factory() as s, s.begin():
+            res = s.execute(sa.update(OutboxRow).where(OutboxRow.state == SENDING,
+                                                       OutboxRow.claimed_by == self._token)
+                            .values(lease_until=now + _dt.timedelta(seconds=self.claim_timeout_s))
+                            .execution_options(synchronize_session=False))
+            return res.rowcount or 0
+
     def start(self, scheduler) -> None:
-        """Recover, then run :meth:`process_due` every ``outbox.poll_s`` on ``scheduler``."""
+        """Recover, then run :meth:`process_due` every ``outbox.poll_s`` on ``scheduler``, and
+        :meth:`renew` every third of the lease."""
         self._stopping.clear()
         self.recover()
         self._scheduler = scheduler
         scheduler.add_job(self._job, "interval", seconds=self.config.outbox.poll_s, id=self._job_id,
                           max_instances=1, coalesce=True, next_run_time=_dt.datetime.now(),
                           replace_existing=True)
+        scheduler.add_job(self._renew_job, "interval", seconds=max(0.5, self.claim_timeout_s / 3),
+                          id=self._job_id + "-renew", max_instances=1, coalesce=True, replace_existing=True)
 
     def stop(self) -> None:
         """Stop the job; a pass in progress stops after the file it is sending."""
         self._stopping.set()
         if self._scheduler is not None:
-            try:
-                self._scheduler.remove_job(self._job_id)
-            except Exception:  # already gone / scheduler shut down
-                pass
+            for job_id in (self._job_id, self._job_id + "-renew"):
+                try:
+                    self._scheduler.remove_job(job_id)
+                except Exception:  # already gone / scheduler shut down
+                    pass
             self._scheduler = None
         with self._lock:  # wait for a running pass to finish
             pass
@@ -265,6 +301,12 @@ class Outbox:
         except Exception:  # never kill the scheduler thread
             log.exception("outbox pass failed")
 
+    def _renew_job(self) -> None:
+        try:
+            self.renew()
+        except Exception:
+            log.exception("outbox lease renewal failed")
+
     # ------------------------------------------------------------------ sending
     def process_due(self) -> int:
         """Send every row that is due; returns the number of rows attempted."""
@@ -273,19 +315,23 @@ class Outbox:
 
     def _claim(self) -> dict[str, list[OutboxRow]]:
         now = utcnow()
-        stale = now - _dt.timedelta(seconds=self.claim_timeout_s)
+        lease = now + _dt.timedelta(seconds=self.claim_timeout_s)
         by_dest: dict[str, list[OutboxRow]] = defaultdict(list)
         with self.session_factory() as s, s.begin():
+            # PostgreSQL: rows another node is claiming right now are skipped, not waited for
             rows = s.scalars(sa.select(OutboxRow).where(sa.or_(
                 sa.and_(OutboxRow.state == PENDING, OutboxRow.next_attempt_at <= now),
-                sa.and_(OutboxRow.state == SENDING, OutboxRow.last_attempt_at < stale),
-            )).order_by(OutboxRow.id)).all()
+                self._stale(now),
+            )).order_by(OutboxRow.id).with_for_update(skip_locked=True)).all()
             for r in rows:
+                if r.state == SENDING:
+                    log.warning("outbox: taking over %s to %s: its sender (%s) stopped renewing its lease",
+                                r.sop_instance_uid, r.destination, r.claimed_by)
                 # conditional claim: safe when several nodes share the database
                 res = s.execute(sa.update(OutboxRow).where(
                     OutboxRow.id == r.id, OutboxRow.state == r.state,
                     OutboxRow.attempts == r.attempts).values(
-                    state=SENDING, claimed_by=self._token, last_attempt_at=now,
+                    state=SENDING, claimed_by=self._token, last_attempt_at=now, lease_until=lease,
                     attempts=r.attempts + 1).execution_options(synchronize_session=False))
                 if res.rowcount:
                     by_dest[r.destination].append(r)
@@ -355,21 +401,26 @@ class Outbox:
         log.warning("outbox: %s to %s: %s; retry in %.1f s", r.sop_instance_uid, r.destination,
                     outcome.message, delay)
         with self.session_factory() as s, s.begin():
-            s.execute(sa.update(OutboxRow).where(OutboxRow.id == r.id).values(
-                state=PENDING, claimed_by=None, last_status=outcome.status, last_error=outcome.message,
-                next_attempt_at=now + _dt.timedelta(seconds=delay)))
+            s.execute(sa.update(OutboxRow).where(self._held(r)).values(
+                state=PENDING, claimed_by=None, lease_until=None, last_status=outcome.status,
+                last_error=outcome.message, next_attempt_at=now + _dt.timedelta(seconds=delay)))
+
+    def _held(self, r: OutboxRow):
+        """The row while this process's claim on it stands (after a stall past the lease another
+        node may have taken it over: its outcome, not ours, is then the row's)."""
+        return sa.and_(OutboxRow.id == r.id, OutboxRow.state == SENDING, OutboxRow.claimed_by == self._token)
 
     def _finish(self, r: OutboxRow, state: str, status: Optional[int], error: Optional[str]) -> None:
-        values = dict(state=state, claimed_by=None, last_status=status, last_error=error)
+        values = dict(state=state, claimed_by=None, lease_until=None, last_status=status, last_error=error)
         if state == SENT:
             values["sent_at"] = utcnow()
         with self.session_factory() as s, s.begin():
-            s.execute(sa.update(OutboxRow).where(OutboxRow.id == r.id).values(**values))
+            s.execute(sa.update(OutboxRow).where(self._held(r)).values(**values))
 
     def _release(self, r: OutboxRow) -> None:
         with self.session_factory() as s, s.begin():
-            s.execute(sa.update(OutboxRow).where(OutboxRow.id == r.id, OutboxRow.state == SENDING)
-                      .values(state=PENDING, claimed_by=None, attempts=r.attempts))
+            s.execute(sa.update(OutboxRow).where(self._held(r))
+                      .values(state=PENDING, claimed_by=None, lease_until=None, attempts=r.attempts))
 
     def _notify(self, study_uid: str) -> None:
         rows = self.rows_for(study_uid)

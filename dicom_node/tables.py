@@ -181,9 +181,11 @@ class Job(Base):
     started_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime(), nullable=True)
     error: Mapped[Optional[str]] = mapped_column(sa.Text, nullable=True)
-    # Which host runs it: at start-up a node re-queues only its own host's
-    # running jobs, so nodes sharing a PostgreSQL journal never steal work.
+    # Which node process runs it ("<node id>:<pid>:<random>", Journal.token): at start-up a node
+    # re-queues only its own node id's running jobs; another node takes one over only once its
+    # lease has expired (the runner renews it every lease_s/3 while alive).
     claimed_by: Mapped[Optional[str]] = mapped_column(sa.String(255), nullable=True)
+    lease_until: Mapped[Optional[datetime]] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class Rejection(Base):
@@ -224,6 +226,8 @@ class OutboxRow(Base):
     last_status: Mapped[Optional[int]] = mapped_column(sa.Integer, nullable=True)
     last_error: Mapped[Optional[str]] = mapped_column(sa.Text, nullable=True)
     claimed_by: Mapped[Optional[str]] = mapped_column(sa.String(128), nullable=True)
+    # a ``sending`` row whose lease has passed belongs to a dead node: any node may take it over
+    lease_until: Mapped[Optional[datetime]] = mapped_column(UTCDateTime(timezone=False), nullable=True)
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         return (f"OutboxRow({self.sop_instance_uid} -> {self.destination}: {self.state}, "
