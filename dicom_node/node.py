@@ -113,7 +113,7 @@ class Node:
         cfg = self.config
         self.spool = Spool(cfg.spool_dir, fsync=cfg.storage.fsync, min_free_mb=cfg.storage.min_free_mb)
         self.spool.clean_stale_temp()
-        self.journal = Journal(cfg.journal_url)
+        self.journal = Journal(cfg.journal_url, owner=cfg.node_id, lease_s=cfg.node.lease_s)
         requeued = self.journal.requeue_running_jobs()
         if requeued:
             log.info("re-queued %d job(s) left running by a previous process", requeued)
@@ -122,6 +122,12 @@ class Node:
                                               on_complete=self._on_complete)
         self.completion.start()
         self.completion.resume()
+        # Several nodes (or receiver processes) on one journal: a study another one received is
+        # completed here too if that one dies before its quiet period ends.
+        self.completion.start_sweep(max(1.0, min(cfg.completion.quiet_seconds, cfg.node.lease_s / 3)))
+        # Leases on the jobs this process runs (docs/scale-out.md); the outbox renews its own.
+        self.completion.scheduler.add_job(self._renew_leases, "interval", seconds=cfg.node.lease_s / 3,
+                                          id="job-leases", replace_existing=True)
         self._start_outbox()
         self.context = NodeContext(config=cfg, journal=self.journal, spool=self.spool, models=self.models,
                                    metrics=self.metrics, outbox=self.outbox)
@@ -262,6 +268,12 @@ class Node:
         if self.mpps is not None and result.sop_instance_uid:
             self.mpps.instance_stored(result.sop_instance_uid)
 
+    def _renew_leases(self) -> None:
+        try:
+            self.journal.renew_leases()
+        except Exception:  # a journal outage: the lease may lapse, another node then takes over
+            log.exception("renewing job leases failed")
+
     def _on_complete(self, study_uid: str) -> None:
         self.metrics.studies_completed.inc()
         self.metrics.jobs.labels(outcome="queued").inc()
@@ -326,7 +338,11 @@ class Node:
                 self._ups_end(job.study_uid, None, error=err)
             self.metrics.jobs.labels(outcome="failed").inc()
             return
-        self.journal.finish_job(job.id)
+        if not self.journal.finish_job(job.id):
+            log.warning("study %s: job %d was taken over by another node while it ran (lease lapsed); "
+                        "its results are that node's", job.study_uid, job.id)
+            self.metrics.jobs.labels(outcome="taken_over").inc()
+            return
         self._ups_end(job.study_uid, summary)
         self.metrics.jobs.labels(outcome="done").inc()
         log.info("study %s processed in %.1fs", job.study_uid, time.monotonic() - t0)

@@ -60,6 +60,31 @@ class CompletionScheduler:
             log.info("re-armed completion timers for %d receiving stud%s", n, "y" if n == 1 else "ies")
         return n
 
+    def sweep(self) -> int:
+        """Arm a timer for every receiving study that has none here: studies other nodes (or
+        receiver processes) received, so one that dies before the quiet period ends leaves no
+        study uncompleted.  Several nodes completing one study is safe: the journal completes
+        it once (``complete_study`` locks the study row).  Returns how many were armed."""
+        n = 0
+        for st in self.journal.list_studies(states=[StudyState.RECEIVING]):
+            with self._lock:
+                if st.study_uid in self._pending:
+                    continue
+            self._arm(st.study_uid, st.last_received + timedelta(seconds=self.quiet))
+            n += 1
+        return n
+
+    def start_sweep(self, interval_s: float) -> None:
+        """Run :meth:`sweep` every ``interval_s`` (nodes sharing a journal)."""
+        self.scheduler.add_job(self._sweep_job, "interval", seconds=max(0.5, float(interval_s)),
+                               id="completion-sweep", replace_existing=True)
+
+    def _sweep_job(self) -> None:
+        try:
+            self.sweep()
+        except Exception:
+            log.exception("completion sweep failed")
+
     def instance_received(self, study_uid: str, last_received: datetime) -> None:
         """Called after each journaled instance (cheap when a timer is pending)."""
         self._arm(study_uid, last_received + timedelta(seconds=self.quiet))
