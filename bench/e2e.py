@@ -60,7 +60,7 @@ class Node:
     def config(work: Path, *, bundle: Path | None, destinations: list[dict], quiet: float = QUIET_S,
                **over) -> dict:
         cfg = {
-            "node": {"port": free_port(), "allowed_calling_aets": ["MODALITY", "ORTHANC"]},
+            "node": {"processes": 1, "port": free_port(), "allowed_calling_aets": ["MODALITY", "ORTHANC"]},
             "storage": {"path": str(work / "spool"), "journal": f"sqlite:///{work / 'journal.db'}",
                         "min_free_mb": 512},
             "completion": {"quiet_seconds": quiet},

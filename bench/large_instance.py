@@ -125,7 +125,7 @@ class NodeServe:
         work.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.cfg = {
-            "node": {"port": self.port, "allowed_calling_aets": ["MODALITY"]},
+            "node": {"processes": 1, "port": self.port, "allowed_calling_aets": ["MODALITY"]},
             "storage": {"path": str(work / "spool"), "journal": f"sqlite:///{work / 'journal.db'}",
                         "min_free_mb": 1024, "fsync": fsync},
             "completion": {"quiet_seconds": 3600},

@@ -7,8 +7,11 @@ Generates multi-frame 8-bit XA runs (full: 12 x 512x512x60 and 4 x
 1024x1024x30; --quick: 6 and 2) into a temp dir, sends them with dcmtk
 storescu in one association and with 4 concurrent storescu processes, and
 prints MB/s, instances/s, receiver CPU seconds per GB (utime+stime of the
-receiver process and its reaped children, from /proc/<pid>/stat) and the ratio
-node/storescp.  Both receivers write into the same temp filesystem.
+receiver's whole process tree: its live receiver processes and the reaped
+storescp --fork children, from /proc) and the ratio node/storescp, each the
+median of --repeat interleaved runs.  The node runs receive-only (MPPS/UPS off)
+with node.processes auto (one receiver process per core); --single adds
+node.processes 1.  Both receivers write into the same temp filesystem.
 """
 
 from __future__ import annotations
@@ -64,11 +67,28 @@ def make_run(path: Path, study: str, rows: int, frames: int, seed: int) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
+def _children(pid: int) -> list[int]:
+    out = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
+    """CPU seconds of ``pid`` and its whole process tree: the live descendants (the node's
+    receiver processes) and the reaped ones (storescp --fork children, via cutime/cstime)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
     # fields[0] is state (field 3); utime=14, stime=15, cutime=16, cstime=17
-    return sum(int(fields[i]) for i in (11, 12, 13, 14)) / CLK
+    own = sum(int(fields[i]) for i in (11, 12, 13, 14)) / CLK
+    return own + sum(cpu_seconds(c) for c in _children(pid))
 
 
 @dataclass
@@ -82,11 +102,14 @@ class Receiver:
         stop_process(self.proc, 30)
 
 
-def start_node(work: Path, fsync: bool = True) -> Receiver:
+def start_node(work: Path, fsync: bool = True, processes="auto") -> Receiver:
     d = Path(tempfile.mkdtemp(prefix="node-", dir=work))
     cfg = {
         "node": {"ae_title": "CAGNODE", "port": 0, "allowed_calling_aets": ["*"], "max_pdu": 0,
-                 "max_associations": 16},
+                 "max_associations": 16, "processes": processes},
+        # a receive-only node: MPPS/UPS would keep reception in one process (docs/scale-out.md)
+        "mpps": {"enabled": False},
+        "ups": {"enabled": False},
         "storage": {"path": str(d / "spool"), "journal": f"sqlite:///{d / 'journal.db'}", "min_free_mb": 64,
                     "fsync": fsync},
         "completion": {"quiet_seconds": 3600},
@@ -102,7 +125,8 @@ def start_node(work: Path, fsync: bool = True) -> Receiver:
     m = re.search(r"listening on \S+:(\d+)", line)
     if not m:
         raise RuntimeError(f"node did not start: {line!r} {(d / 'node.log').read_text()}")
-    return Receiver("cag-node" + ("" if fsync else " (no fsync)"), proc, int(m.group(1)), d / "spool")
+    name = "cag-node" + ("" if processes == "auto" else f" p={processes}") + ("" if fsync else " (no fsync)")
+    return Receiver(name, proc, int(m.group(1)), d / "spool")
 
 
 def start_storescp(work: Path) -> Receiver:
@@ -159,6 +183,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="6 + 2 runs instead of 12 + 4")
     ap.add_argument("--nofsync", action="store_true", help="also measure the node without fsync")
     ap.add_argument("--keep", help="generate into / reuse this directory")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="measure each receiver this many times, interleaved; report the median (default 3)")
+    ap.add_argument("--single", action="store_true", help="also measure the node with node.processes: 1")
     args = ap.parse_args(argv)
     n512, n1024 = (6, 2) if args.quick else (12, 4)
     work = Path(tempfile.mkdtemp(prefix="cag-bench-"))
@@ -181,16 +208,26 @@ def main(argv=None) -> int:
     starters = [start_node, start_storescp]
     if args.nofsync:
         starters.insert(1, lambda w: start_node(w, fsync=False))
+    if args.single:
+        starters.insert(1, lambda w: start_node(w, processes=1))
     try:
         for parallel in (1, 4):
-            for start in starters:
-                r = measure(start, work, files, parallel)
+            runs: dict[int, list[dict]] = {}
+            for _ in range(max(1, args.repeat)):  # interleaved: drift of a shared machine hits all alike
+                for k, start in enumerate(starters):
+                    runs.setdefault(k, []).append(measure(start, work, files, parallel))
+            for k in range(len(starters)):
+                rs = runs[k]
+                r = dict(rs[0], **{key: float(np.median([x[key] for x in rs]))
+                                   for key in ("wall_s", "MB_s", "inst_s", "cpu_s_per_GB")})
                 results.append(r)
                 print(f"{r['receiver']:<22} x{parallel}: {r['MB_s']:7.1f} MB/s {r['inst_s']:6.2f} inst/s "
-                      f"{r['cpu_s_per_GB']:6.2f} CPU s/GB", flush=True)
+                      f"{r['cpu_s_per_GB']:6.2f} CPU s/GB (median of {len(rs)}; MB/s "
+                      f"{min(x['MB_s'] for x in rs):.0f}-{max(x['MB_s'] for x in rs):.0f})", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print("\nratios node/storescp (throughput >1 = node faster; CPU >1 = node costlier):")
+    print(f"\nratios node (node.processes auto = {os.cpu_count()}) / storescp --fork +B "
+          "(throughput >1 = node faster; CPU >1 = node costlier):")
     for parallel in (1, 4):
         node = next(r for r in results if r["receiver"] == "cag-node" and r["parallel"] == parallel)
         scp = next(r for r in results if r["receiver"] == "storescp +B" and r["parallel"] == parallel)

@@ -86,6 +86,7 @@ class InstanceRecord:
     processable: bool = False
     reason: Optional[str] = None
     n_frames: Optional[int] = None
+    received_by: Optional[str] = None  # "<node id>:<pid>:<random>" of the receiving process
 
     @property
     def series_uid(self) -> str:
@@ -132,7 +133,7 @@ def _instance(i: Instance) -> InstanceRecord:
         sop_instance_uid=i.sop_instance_uid, study_uid=i.study_uid, series_instance_uid=i.series_uid,
         sop_class_uid=i.sop_class_uid, modality=i.modality, transfer_syntax=i.transfer_syntax, path=i.path,
         size=i.size, received_at=_aware(i.received_at), calling_aet=i.calling_aet, processable=i.processable,
-        reason=i.reason, n_frames=i.n_frames,
+        reason=i.reason, n_frames=i.n_frames, received_by=i.received_by,
     )
 
 
@@ -286,6 +287,7 @@ class Journal:
             inst.calling_aet = calling_aet
             inst.processable = processable
             inst.reason = reason
+            inst.received_by = self.token
         return RecordResult(new_instance, new_study, reopened, now, sop_instance_uid)
 
     def record_rejection(self, *, status: int, reason: str, calling_aet: Optional[str] = None,

@@ -28,7 +28,7 @@ from typing import Callable, Optional
 
 import sqlalchemy as sa
 
-from dicom_node import pynetdicom_ext
+from dicom_node import pynetdicom_ext, receivers
 from dicom_node.admin import AdminServer
 from dicom_node.config import Config
 from dicom_node.context import Models, NodeContext
@@ -63,6 +63,7 @@ class Node:
         self.mpps = None  # dicom_node.mpps.MPPSService when mpps.enabled
         self.ups = None  # dicom_node.ups.UPSService when ups.enabled
         self._mpps_forwarder = None
+        self.receivers = None  # dicom_node.receivers.ReceiverPool when node.processes > 1
         self._ups_events = None
         self.models = Models(config, self.bundle_dir)
         self.context: Optional[NodeContext] = None  # built at start: what processing is handed
@@ -136,7 +137,14 @@ class Node:
         pynetdicom_ext.install()  # once per process: socket reads, streaming reception into the spool
         self.scp = StorageSCP(cfg, self.spool, self.journal, self.metrics, on_stored=self._on_stored,
                               workflow=workflow)
-        host, port = self.scp.start()
+        extra = cfg.receiver_processes - 1
+        if extra and not receivers.reuse_port_supported():
+            log.warning("node.processes: SO_REUSEPORT is not available here; receiving in one process")
+            extra = 0
+        host, port = self.scp.start(reuse_port=extra > 0)
+        if extra:
+            # bound first, so port 0 is resolved; the extras bind the same port
+            self.receivers = receivers.ReceiverPool(cfg, port, extra).start()
         if cfg.admin.enabled:
             self.admin = AdminServer(cfg.admin.host, cfg.admin.port, self.metrics, self.health)
             self.admin.start()
@@ -152,8 +160,8 @@ class Node:
                 t.start()
                 self._workers.append(t)
         self._started = True
-        log.info("listening on %s:%d as %s%s; admin %s; web %s; spool %s; journal %s", host, port,
-                 cfg.node.ae_title, " (TLS)" if cfg.node.tls.enabled else "",
+        log.info("listening on %s:%d as %s%s (%d receiver process%s); admin %s; web %s; spool %s; journal %s", host, port,
+                 cfg.node.ae_title, " (TLS)" if cfg.node.tls.enabled else "", extra + 1, "" if not extra else "es",
                  f"{self.admin.host}:{self.admin.port}" if self.admin else "disabled",
                  self.web.url if self.web else "disabled", self.spool.root, _safe_url(cfg.journal_url))
         return self
@@ -220,8 +228,17 @@ class Node:
                 self.web.stop()  # finishes in-flight requests (a STOW being stored completes)
             except Exception:
                 log.exception("web server stop failed")
+        if self.receivers is not None:  # SIGTERM first: they finish in-flight associations meanwhile
+            for p in self.receivers.procs:
+                if p.is_alive():
+                    p.terminate()
         if self.scp:
             self.scp.stop(grace_s)
+        if self.receivers is not None:
+            try:
+                self.receivers.stop(grace_s)
+            except Exception:
+                log.exception("stopping the receiver processes failed")
         self._stop.set()
         self._wake.set()
         for t in self._workers:

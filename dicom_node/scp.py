@@ -40,13 +40,16 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.sop_class import Verification
 
 from dicom_node import pynetdicom_ext
@@ -210,7 +213,9 @@ class StorageSCP:
         return ae
 
     # -- lifecycle ----------------------------------------------------------
-    def start(self) -> tuple[str, int]:
+    def start(self, reuse_port: bool = False) -> tuple[str, int]:
+        """Listen; ``reuse_port``: bind with ``SO_REUSEPORT`` so that several receiver processes
+        share the port (:mod:`dicom_node.receivers`)."""
         n = self.config.node
         handlers = [
             (evt.EVT_C_ECHO, self._on_echo),
@@ -225,8 +230,15 @@ class StorageSCP:
         if self.workflow is not None:
             handlers.extend(self.workflow.handlers())
         ctx = build_ssl_context(self.config)
-        self.server = self.ae.start_server((n.host, n.port), block=False, evt_handlers=handlers,
-                                           ssl_context=ctx)
+        if reuse_port:
+            self.server = self.ae.make_server((n.host, n.port), evt_handlers=handlers, ssl_context=ctx,
+                                              server_class=_ReusePortServer)
+            threading.Thread(target=self.server.serve_forever, name="AcceptorServer-reuseport",
+                             daemon=True).start()
+            self.ae._servers.append(self.server)
+        else:
+            self.server = self.ae.start_server((n.host, n.port), block=False, evt_handlers=handlers,
+                                               ssl_context=ctx)
         if ctx is not None:
             _defer_tls_handshake(self.server, ctx, n.acse_timeout)
         self.metrics.active_associations.set_function(lambda: len(self.server.active_associations)
@@ -426,3 +438,12 @@ class StorageSCP:
             except Exception:  # scheduling is re-derived from the journal at restart
                 log.exception("on_stored callback failed")
         return StoreResult(ST_SUCCESS, None, sop_class, inst, study, series, stored.size, ok, why)
+
+
+class _ReusePortServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, bound with ``SO_REUSEPORT``: the kernel spreads
+    connections over every process bound so."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()

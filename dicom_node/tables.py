@@ -167,6 +167,9 @@ class Instance(Base):
     calling_aet: Mapped[Optional[str]] = mapped_column(sa.String(16), nullable=True)
     processable: Mapped[bool] = mapped_column(sa.Boolean, default=False)
     reason: Mapped[Optional[str]] = mapped_column(sa.Text, nullable=True)
+    # the process that acknowledged it ("<node id>:<pid>:<random>", Journal.token): which node,
+    # which receiver process (node.processes), for an operator tracing a study across nodes
+    received_by: Mapped[Optional[str]] = mapped_column(sa.String(255), nullable=True)
 
 
 class Job(Base):

@@ -25,7 +25,7 @@ READY = re.compile(r"cag-node listening on (\S+):(\d+) as (\S+).*\(admin (?:(\S+
 def node_config(tmp_path: Path, **over) -> dict:
     """A loopback test config: port 0, admin port 0, processing off, no destinations."""
     cfg = {
-        "node": {"ae_title": "CAGNODE", "host": "127.0.0.1", "port": 0,
+        "node": {"processes": 1, "ae_title": "CAGNODE", "host": "127.0.0.1", "port": 0,
                  "allowed_calling_aets": ["MODALITY", "ORTHANC", "STORESCU", "ECHOSCU", "PYSCU"]},
         "storage": {"path": str(tmp_path / "spool"), "journal": f"sqlite:///{tmp_path / 'journal.db'}",
                     "min_free_mb": 1},

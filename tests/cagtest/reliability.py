@@ -91,7 +91,7 @@ def node_config(workdir: Path, *, port: Optional[int] = None, bundle: Optional[P
     """A config dict for a test node in ``workdir`` (sections merged key by key)."""
     workdir = Path(workdir)
     cfg = {
-        "node": {"ae_title": NODE_AET, "host": "127.0.0.1", "port": port or free_port(),
+        "node": {"processes": 1, "ae_title": NODE_AET, "host": "127.0.0.1", "port": port or free_port(),
                  "allowed_calling_aets": [MODALITY_AET, "ORTHANC"], "dimse_timeout": 30,
                  "acse_timeout": 10, "network_timeout": 30},
         "storage": {"path": str(workdir / "spool"), "journal": f"sqlite:///{workdir / 'journal.db'}",

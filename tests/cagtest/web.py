@@ -16,7 +16,7 @@ ARTEFACTS = Path(os.environ.get("CAG_WEB_ARTEFACTS", ROOT / "build" / "test-arte
 
 def web_config(tmp_path: Path, **sections) -> object:
     data = {
-        "node": {"port": 0, "allowed_calling_aets": ["PYSCU", "STORESCU", "MODALITY"]},
+        "node": {"processes": 1, "port": 0, "allowed_calling_aets": ["PYSCU", "STORESCU", "MODALITY"]},
         "storage": {"path": str(tmp_path / "spool"), "journal": f"sqlite:///{tmp_path / 'journal.db'}",
                     "min_free_mb": 1},
         "completion": {"quiet_seconds": 30},

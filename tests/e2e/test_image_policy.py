@@ -47,7 +47,7 @@ def test_node_and_report_pick_the_same_images(tmp_path, demo_bundle, held_out_st
 
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({
-        "node": {"port": free_port(), "allowed_calling_aets": ["STORESCU"]},
+        "node": {"processes": 1, "port": free_port(), "allowed_calling_aets": ["STORESCU"]},
         "storage": {"path": str(tmp_path / "spool"), "journal": f"sqlite:///{tmp_path / 'journal.db'}",
                     "min_free_mb": 10},
         "completion": {"quiet_seconds": 1},

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 def node_config(tmp_path: Path, bundle: Path, dest_port: int, dest_aet: str = "PACS", **over) -> object:
     data = {
-        "node": {"port": free_port(), "allowed_calling_aets": ["MODALITY", "ORTHANC", "STORESCU"]},
+        "node": {"processes": 1, "port": free_port(), "allowed_calling_aets": ["MODALITY", "ORTHANC", "STORESCU"]},
         "storage": {"path": str(tmp_path / "spool"), "journal": f"sqlite:///{tmp_path / 'journal.db'}",
                     "min_free_mb": 10},
         "completion": {"quiet_seconds": 1},

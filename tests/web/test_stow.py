@@ -124,7 +124,7 @@ def test_serve_prints_the_web_url_and_stops_cleanly(tmp_path):
 
     from cagtest.node import NodeProcess
 
-    cfg = {"node": {"port": 0, "allowed_calling_aets": ["PYSCU"]},
+    cfg = {"node": {"processes": 1, "port": 0, "allowed_calling_aets": ["PYSCU"]},
            "storage": {"path": str(tmp_path / "spool"), "journal": f"sqlite:///{tmp_path / 'j.db'}", "min_free_mb": 1},
            "processing": {"enabled": False}, "admin": {"enabled": False}, "web": {"enabled": True, "port": 0}}
     p = tmp_path / "config.yaml"
