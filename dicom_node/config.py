@@ -167,6 +167,9 @@ class VLMConfig(_Strict):
     api_key_env: Optional[str] = None
     timeout_s: float = Field(120.0, gt=0)
     retries: int = Field(3, ge=0)
+    # at most this many requests of one node process in flight (null: one per processing
+    # worker); the nodes' limits summed should not exceed the server's --max-num-seqs
+    max_concurrent: Optional[int] = Field(None, ge=1)
 
     @field_validator("backend")
     @classmethod

@@ -107,7 +107,8 @@ def _openai(vlm_cfg, bundle, info: Optional[ModelInfo], common: dict) -> ReportB
     if info is not None:
         info = ModelInfo(**{**info.to_dict(), "vlm": f"openai:{model}", "adapter": model or ""})
     backend = OpenAIBackend(url=_get(vlm_cfg, "url"), model=model, api_key_env=_get(vlm_cfg, "api_key_env"),
-                            retries=int(_get(vlm_cfg, "retries", 3)), model_info=info, **common)
+                            retries=int(_get(vlm_cfg, "retries", 3)), model_info=info,
+                            max_concurrent=_get(vlm_cfg, "max_concurrent"), **common)
     backend.from_first_language = bool(_get(vlm_cfg, "from_first_language"))
     backend.uses_concepts = _concepts_on(_get(vlm_cfg, "concepts"))
     return backend

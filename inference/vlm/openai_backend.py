@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -46,7 +47,11 @@ def image_part(image: np.ndarray) -> dict:
 class OpenAIBackend(ReportBackend):
     def __init__(self, url: str, model: Optional[str] = None, api_key_env: Optional[str] = None,
                  max_new_tokens: int = 256, max_images: int = 4, timeout_s: float = 120.0,
-                 retries: int = 3, backoff_s: float = 0.5, model_info: Optional[ModelInfo] = None):
+                 retries: int = 3, backoff_s: float = 0.5, model_info: Optional[ModelInfo] = None,
+                 max_concurrent: Optional[int] = None):
+        """``max_concurrent``: at most this many requests of this process in flight at once (the
+        rest wait their turn before their timeout starts); None: one per processing worker.  Size
+        it with the server: every node's limit summed stays within vLLM's ``--max-num-seqs``."""
         if not url:
             raise ReportError("vlm.url is required for the openai backend")
         self.url = chat_url(url)
@@ -60,6 +65,8 @@ class OpenAIBackend(ReportBackend):
         self.model_info = model_info or ModelInfo(name=self.model, version="", device_uid="",
                                                   vlm=f"openai:{self.model}", adapter="")
         self.attempts = 0  # requests sent (for tests and metrics)
+        self.max_concurrent = int(max_concurrent) if max_concurrent else None
+        self._slots = threading.BoundedSemaphore(self.max_concurrent) if self.max_concurrent else None
 
     def _headers(self) -> dict:
         h = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -83,6 +90,12 @@ class OpenAIBackend(ReportBackend):
         }
 
     def generate_text(self, images: list[np.ndarray], prompt: str) -> str:
+        if self._slots is None:
+            return self._generate_text(images, prompt)
+        with self._slots:
+            return self._generate_text(images, prompt)
+
+    def _generate_text(self, images: list[np.ndarray], prompt: str) -> str:
         body = json.dumps(self.request_body(images, prompt)).encode("utf-8")
         headers = self._headers()
         deadline = time.monotonic() + self.timeout_s * (self.retries + 1)

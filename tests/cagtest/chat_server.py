@@ -3,7 +3,7 @@ running a local ``TransformersBackend`` - what vLLM does for Gemma3, at toy scal
 
 Knobs for tests: ``fail_first`` (answer that many requests with 503), ``delay_s`` (sleep
 before answering), ``api_key`` (require ``Authorization: Bearer``); ``requests`` records the
-JSON bodies received.
+JSON bodies received, ``max_in_flight`` the most requests answered at once.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ class ChatServer:
         self.delay_s = 0.0
         self.api_key = None
         self.requests: list[dict] = []
+        self.in_flight = 0  # requests being answered now, and the most at once
+        self.max_in_flight = 0
         self.headers: list[dict] = []
         self._lock = threading.Lock()
         server = self
@@ -68,8 +70,15 @@ class ChatServer:
                     return self._send(401, {"error": {"message": "bad key"}})
                 if fail:
                     return self._send(503, {"error": {"message": "loading"}})
-                if server.delay_s:
-                    time.sleep(server.delay_s)
+                with server._lock:
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    if server.delay_s:
+                        time.sleep(server.delay_s)
+                finally:
+                    with server._lock:
+                        server.in_flight -= 1
                 msg = data["messages"][-1]["content"]
                 images = [_decode_image(p["image_url"]["url"]) for p in msg if p["type"] == "image_url"]
                 prompt = "".join(p["text"] for p in msg if p["type"] == "text")

@@ -160,3 +160,26 @@ def test_openai_missing_key_env(server, frames_standin, monkeypatch):
     monkeypatch.delenv("CAG_NO_SUCH_KEY", raising=False)
     with pytest.raises(ReportError, match="CAG_NO_SUCH_KEY"):
         _remote(server, api_key_env="CAG_NO_SUCH_KEY").generate(frames_standin["LCA"][:1], "en")
+
+
+@pytest.mark.parametrize("limit, want", [(1, 1), (None, 3)])
+def test_openai_max_concurrent_bounds_requests_in_flight(server, frames_standin, limit, want):
+    import threading
+
+    server.delay_s = 0.4
+    remote = _remote(server, max_concurrent=limit)
+    errors: list = []
+
+    def one():
+        try:
+            remote.generate_text(frames_standin["LCA"][:1], "describe")
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(server.requests) == 3
+    assert server.max_in_flight == want
