@@ -72,7 +72,7 @@ def _receiver_main(config_data: dict, base_dir: str, port: int, index: int, conn
     scp = StorageSCP(cfg, spool, journal, NodeMetrics(),
                      on_stored=lambda su, r: completion.instance_received(su, r.last_received))
     try:
-        scp.start(reuse_port=True)
+        scp.start(reuse_port=True, first=False)
     except Exception as exc:
         conn.send(("error", f"{exc.__class__.__name__}: {exc}"))
         raise

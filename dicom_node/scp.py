@@ -213,10 +213,14 @@ class StorageSCP:
         return ae
 
     # -- lifecycle ----------------------------------------------------------
-    def start(self, reuse_port: bool = False) -> tuple[str, int]:
+    def start(self, reuse_port: bool = False, first: bool = True) -> tuple[str, int]:
         """Listen; ``reuse_port``: bind with ``SO_REUSEPORT`` so that several receiver processes
-        share the port (:mod:`dicom_node.receivers`)."""
+        share the port (:mod:`dicom_node.receivers`).  The ``first`` of them checks that nothing
+        else holds the port: ``SO_REUSEPORT`` would otherwise let a second node started on the
+        same port by mistake share it silently instead of failing."""
         n = self.config.node
+        if reuse_port and first and n.port:
+            _check_port_free(n.host, n.port)
         handlers = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
@@ -438,6 +442,14 @@ class StorageSCP:
             except Exception:  # scheduling is re-derived from the journal at restart
                 log.exception("on_stored callback failed")
         return StoreResult(ST_SUCCESS, None, sop_class, inst, study, series, stored.size, ok, why)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Raise ``OSError(EADDRINUSE)`` if (host, port) is taken (bind without SO_REUSEPORT)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as pynetdicom: TIME_WAIT is fine
+        s.bind((host, port))
 
 
 class _ReusePortServer(ThreadedAssociationServer):

@@ -68,3 +68,18 @@ def test_receiver_process_stops_with_the_node(make_node):
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_a_second_node_on_the_port_fails_instead_of_sharing_it(make_node, tmp_path):
+    first = make_node(node__processes=2, mpps__enabled=False, ups__enabled=False)
+    from dicom_node.config import parse_config
+    from dicom_node.node import Node
+    from cagtest.node import node_config
+
+    other = tmp_path / "other"
+    other.mkdir()
+    cfg = parse_config(node_config(other, node__processes=2, node__port=first.port, mpps__enabled=False,
+                                   ups__enabled=False), base_dir=other)
+    with pytest.raises(OSError):
+        Node(cfg).start()
+    assert first.receivers.alive() == 1
