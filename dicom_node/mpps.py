@@ -53,6 +53,9 @@ from dicom_node.scu import QueuedSender, association, dimse_status
 
 log = logging.getLogger(__name__)
 
+# how often watched MPPS look in the journal for instances other nodes received
+RECHECK_S = 2.0
+
 MPPS_CLASS = "1.2.840.10008.3.1.2.3.3"  # Modality Performed Procedure Step SOP Class
 
 IN_PROGRESS, COMPLETED, DISCONTINUED = "IN PROGRESS", "COMPLETED", "DISCONTINUED"
@@ -159,7 +162,10 @@ class MPPSService:
 
     # -- start-up -------------------------------------------------------------
     def resume(self) -> int:
-        """Re-watch every COMPLETED MPPS still waiting for instances (after a restart)."""
+        """Re-watch every COMPLETED MPPS still waiting for instances (after a restart), and start
+        the periodic :meth:`recheck`."""
+        self.scheduler.add_job(self._recheck_job, "interval", seconds=RECHECK_S, id="mpps-recheck",
+                               replace_existing=True, max_instances=1, coalesce=True)
         with self.sessionmaker() as s:
             rows = s.scalars(sa.select(MPPSRow).where(MPPSRow.completion == C_WAITING)).all()
             waiting = [(r.sop_instance_uid, list(r.expected or []), _aware(r.deadline)) for r in rows]
@@ -273,6 +279,25 @@ class MPPSService:
                     done.append(uid)
         for uid in done:
             self._run(self._trigger, uid, "the last listed instance arrived")
+
+    def recheck(self) -> int:
+        """Look in the journal for the instances watched MPPS still miss: another node sharing
+        the journal may have received them (its ``instance_stored`` is not called here).
+        Returns how many were found."""
+        with self._lock:
+            wanted = sorted({sop for missing in self._missing.values() for sop in missing})
+        if not wanted:
+            return 0
+        found = self._present(wanted)
+        for sop in found:
+            self.instance_stored(sop)
+        return len(found)
+
+    def _recheck_job(self) -> None:
+        try:
+            self.recheck()
+        except Exception:
+            log.exception("MPPS recheck failed")
 
     def _forget(self, uid: str) -> None:
         with self._lock:

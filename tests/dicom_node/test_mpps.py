@@ -186,3 +186,31 @@ def test_mpps_forwarded_to_destination(make_node, tmp_path):
         assert ris.mpps[1][2].PerformedProcedureStepStatus == "COMPLETED"
     finally:
         ris.stop()
+
+
+def test_mpps_sees_instances_another_node_received(make_node, tmp_path):
+    """Several nodes on one journal: the MPPS is held by this node, its last listed instance is
+    acknowledged by another node (journalled, this node's instance_stored never called)."""
+    from dicom_node.journal import Journal
+
+    calls, process = _recorder()
+    node = make_node(process_fn=process, processing__enabled=True, completion__quiet_seconds=600)
+    study, mpps_uid = generate_uid(), generate_uid()
+    series, files = _files(tmp_path, study, 2)
+    with SCU(node.port) as scu:
+        assert scu.n_create(mpps_create_ds(study), MPPS, mpps_uid)[0] == 0x0000
+        assert pyscu_send(node.port, [files[0][1]]) == [0]
+        assert scu.n_set(mpps_set_ds("COMPLETED", {series: [u for u, _ in files]}, XA_CLASS), MPPS,
+                         mpps_uid)[0] == 0x0000
+    time.sleep(0.5)
+    assert calls == [] and node.mpps.get(mpps_uid)["completion"] == "waiting"
+    other = Journal(node.config.journal_url, owner="node-b")
+    try:
+        other.record_instance(study_uid=study, series_uid=series, sop_instance_uid=files[1][0],
+                              sop_class_uid=XA_CLASS, modality="XA", transfer_syntax="1.2.840.10008.1.2.1",
+                              path=str(files[1][1]), size=files[1][1].stat().st_size, calling_aet="MODALITY",
+                              processable=True)
+    finally:
+        other.close()
+    assert wait_for(lambda: calls, timeout=10), "the MPPS never saw the other node's instance"
+    assert node.mpps.get(mpps_uid)["completion"] == "triggered"
