@@ -107,7 +107,7 @@ def start_node(work: Path, fsync: bool = True, processes="auto") -> Receiver:
     cfg = {
         "node": {"ae_title": "CAGNODE", "port": 0, "allowed_calling_aets": ["*"], "max_pdu": 0,
                  "max_associations": 16, "processes": processes},
-        # a receive-only node: MPPS/UPS would keep reception in one process (docs/scale-out.md)
+        # a receive-only node, as in the earlier figures (MPPS/UPS add nothing to C-STORE)
         "mpps": {"enabled": False},
         "ups": {"enabled": False},
         "storage": {"path": str(d / "spool"), "journal": f"sqlite:///{d / 'journal.db'}", "min_free_mb": 64,

@@ -63,8 +63,8 @@ class NodeConfig(_Strict):
     id: Optional[str] = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
     lease_s: float = Field(60.0, ge=2.0)
     # Receiver processes on the one port (SO_REUSEPORT): "auto" = the number of CPU cores.  The
-    # extra processes receive (spool, journal, completion); jobs, sends, MPPS/UPS, admin and web
-    # stay in the first.  A node with MPPS or UPS enabled receives in one process.
+    # extra processes receive (spool, journal, completion, MPPS and UPS requests); jobs, sends,
+    # the node's own work items, admin and web stay in the first.
     processes: Union[int, Literal["auto"]] = "auto"
 
     @field_validator("processes")
@@ -335,9 +335,7 @@ class Config(_Strict):
 
     @property
     def receiver_processes(self) -> int:
-        """How many processes receive on the port (``node.processes``; 1 with MPPS or UPS)."""
-        if self.mpps.enabled or self.ups.enabled:
-            return 1
+        """How many processes receive on the port (``node.processes``)."""
         n = self.node.processes
         return max(1, os.cpu_count() or 1) if n == "auto" else int(n)
 

@@ -281,9 +281,20 @@ class MPPSService:
             self._run(self._trigger, uid, "the last listed instance arrived")
 
     def recheck(self) -> int:
-        """Look in the journal for the instances watched MPPS still miss: another node sharing
-        the journal may have received them (its ``instance_stored`` is not called here).
-        Returns how many were found."""
+        """Watch every COMPLETED MPPS the journal says is waiting that this process does not watch
+        yet (one another receiver process or node took, which may die), and look in the journal
+        for the instances watched MPPS still miss: another process or node may have received them
+        (its ``instance_stored`` is not called here).  Every process watching one MPPS is safe:
+        it is triggered or timed out once (the row is locked and its state checked).  Returns how
+        many missing instances were found."""
+        with self.sessionmaker() as s:
+            rows = s.execute(sa.select(MPPSRow.sop_instance_uid, MPPSRow.expected, MPPSRow.deadline)
+                             .where(MPPSRow.completion == C_WAITING)).all()
+        with self._lock:
+            watched = set(self._missing)
+        for uid, expected, deadline in rows:
+            if uid not in watched:
+                self._watch(uid, list(expected or []), _aware(deadline) or utcnow())
         with self._lock:
             wanted = sorted({sop for missing in self._missing.values() for sop in missing})
         if not wanted:

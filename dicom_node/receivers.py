@@ -8,8 +8,10 @@ connections over them.  An extra process runs only the receive stage: its own
 :class:`~dicom_node.spool.Spool`, :class:`~dicom_node.journal.Journal` (the same database:
 SQLite in WAL mode on one machine, PostgreSQL for many) and completion timers, and the same
 :class:`~dicom_node.scp.StorageSCP`, so an instance is acknowledged only after it is fsynced and
-journalled, exactly as in the first process.  Jobs, sending, MPPS/UPS, the admin and web
-endpoints stay in the first process; the journal is the boundary between the stages, as ever.
+journalled, exactly as in the first process.  MPPS and UPS requests are served by whichever
+process the association reaches (their state is in the journal, see ``_workflow``).  Jobs,
+sending, the admin and web endpoints stay in the first process; the journal is the boundary
+between the stages, as ever.
 
 An extra process dies with its parent (``PR_SET_PDEATHSIG``), so a SIGKILL of the node leaves
 no orphan on the port; SIGTERM lets its in-flight associations finish.
@@ -68,9 +70,15 @@ def _receiver_main(config_data: dict, base_dir: str, port: int, index: int, conn
     spool = Spool(cfg.spool_dir, fsync=cfg.storage.fsync, min_free_mb=cfg.storage.min_free_mb)
     completion = CompletionScheduler(journal, cfg.completion.quiet_seconds)
     completion.start()
+    workflow, mpps, senders = _workflow(cfg, journal, completion)
+
+    def on_stored(study_uid, result):
+        completion.instance_received(study_uid, result.last_received)
+        if mpps is not None and result.sop_instance_uid:
+            mpps.instance_stored(result.sop_instance_uid)
+
     pynetdicom_ext.install()
-    scp = StorageSCP(cfg, spool, journal, NodeMetrics(),
-                     on_stored=lambda su, r: completion.instance_received(su, r.last_received))
+    scp = StorageSCP(cfg, spool, journal, NodeMetrics(), on_stored=on_stored, workflow=workflow)
     try:
         scp.start(reuse_port=True, first=False)
     except Exception as exc:
@@ -81,8 +89,46 @@ def _receiver_main(config_data: dict, base_dir: str, port: int, index: int, conn
     log.debug("receiver process %d (pid %d) listening on port %d", index, os.getpid(), port)
     stop.wait()
     scp.stop(grace_s=30.0)
+    for sender in senders:
+        try:
+            sender.stop()
+        except Exception:
+            log.exception("stopping %s failed", sender.__class__.__name__)
     completion.shutdown()
     journal.close()
+
+
+def _workflow(cfg, journal, completion):
+    """MPPS and UPS requests that arrive on this process's associations: their state is in the
+    journal, so any process serves them.  An MPPS is watched by every process (``recheck``),
+    so one that dies leaves none unwatched; UPS event reports go from the process that made the
+    change.  Start-up recovery (``UPSService.recover``) and the node's own work items stay in
+    the first process.  Returns (handlers or None, the MPPS service or None, senders to stop)."""
+    mpps = ups = None
+    senders = []
+    if cfg.mpps.enabled:
+        from dicom_node.mpps import MPPSForwarder, MPPSService
+
+        forwarder = None
+        if cfg.mpps.forward_to:
+            dest = next(d for d in cfg.destinations if d.name == cfg.mpps.forward_to)
+            forwarder = MPPSForwarder(cfg, dest)
+            senders.append(forwarder)
+        mpps = MPPSService(cfg, journal, completion.scheduler,
+                           lambda su: journal.complete_study(su, 0.0) is True, forward=forwarder)
+        completion.veto = mpps.veto
+        mpps.resume()
+    if cfg.ups.enabled:
+        from dicom_node.ups import EventSender, UPSService
+
+        events = EventSender(cfg)
+        senders.append(events)
+        ups = UPSService(cfg, journal, completion.scheduler, events)
+    if mpps is None and ups is None:
+        return None, None, senders
+    from dicom_node.workflow_scp import WorkflowHandlers
+
+    return WorkflowHandlers(mpps, ups), mpps, senders
 
 
 class ReceiverPool:

@@ -83,3 +83,52 @@ def test_a_second_node_on_the_port_fails_instead_of_sharing_it(make_node, tmp_pa
     with pytest.raises(OSError):
         Node(cfg).start()
     assert first.receivers.alive() == 1
+
+
+def test_mpps_and_ups_are_served_by_every_receiver_process(make_node, tmp_path):
+    """MPPS N-CREATE, the instances and N-SET COMPLETED each on their own association, so they
+    land on either process: every study is completed by its MPPS (the quiet period is 600 s),
+    and UPS work items created on one process are found from the other."""
+    from cagtest.dicom import XA_CLASS, pyscu_send, write_dataset
+    from cagtest.workflow import MPPS, SCU, UPS_PULL, UPS_PUSH, mpps_create_ds, mpps_set_ds, wait_for, work_item
+    from cagtest.dicom import dataset
+
+    processed: list[str] = []
+
+    def process(node, study_uid):
+        processed.append(study_uid)
+        node.journal.set_study_state(study_uid, "reported", stage="outbox")
+
+    node = make_node(process_fn=process, node__processes=2, processing__enabled=True,
+                     completion__quiet_seconds=600)
+    assert node.receivers is not None and node.receivers.alive() == 1
+    studies = []
+    for k in range(8):
+        study, series, mpps_uid = generate_uid(), generate_uid(), generate_uid()
+        files = []
+        for i in range(2):
+            ds = make_dataset(study, series, seed=10 * k + i, frames=2)
+            files.append((str(ds.SOPInstanceUID), write_dataset(ds, tmp_path / f"s{k}-{i}.dcm")))
+        with SCU(node.port) as scu:
+            assert scu.n_create(mpps_create_ds(study), MPPS, mpps_uid)[0] == 0x0000
+        for _, path in files:  # one association per instance
+            assert pyscu_send(node.port, [path]) == [0]
+        with SCU(node.port) as scu:
+            assert scu.n_set(mpps_set_ds("COMPLETED", {series: [u for u, _ in files]}, XA_CLASS), MPPS,
+                             mpps_uid)[0] == 0x0000
+        studies.append(study)
+    assert wait_for(lambda: len(set(processed)) == 8, timeout=20), (processed, node.journal.list_studies())
+    assert sorted(processed) == sorted(studies)  # each once
+    pids = {int(i.received_by.split(":")[1]) for st in studies for i in node.journal.study_instances(st)}
+    assert pids == {os.getpid(), node.receivers.pids()[0]}
+
+    items = [generate_uid() for _ in range(6)]
+    for uid in items:
+        with SCU(node.port, aet="ORTHANC") as ris:
+            assert ris.n_create(work_item(generate_uid()), UPS_PUSH, uid)[0] == 0x0000
+    query = dataset(ProcedureStepState="SCHEDULED", SOPInstanceUID="", ProcedureStepLabel="",
+                    ScheduledProcedureStepPriority="")
+    for _ in range(4):  # from whichever process each association reaches
+        with SCU(node.port) as performer:
+            st, found = performer.c_find(query, UPS_PULL)
+        assert st == 0 and set(items) <= {str(d.SOPInstanceUID) for d in found}
