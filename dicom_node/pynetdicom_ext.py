@@ -5,6 +5,13 @@ Two things pynetdicom 3.0 does not do the way a DICOM node needs them:
 * **Socket reads**: ``AssociationSocket.recv`` reads a PDU 4096 bytes per Python call, which
   makes the receiver CPU-bound on large multi-frame instances; :func:`_fast_recv` reads with
   ``recv_into`` instead (same contract).
+* **Data-set PDUs**: pynetdicom copies each P-DATA-TF PDU five times in Python on its way to
+  the file (read buffer, ``bytes()``, PDU decode, PDV item, fragment slice) and passes it through
+  its event queue, state machine and DIMSE decoder: the receiver's user CPU per GB is mostly
+  that.  :func:`_read_pdu_data` writes the fragments of a data set that is already being
+  streamed into an :class:`RxFile` straight from one reusable receive buffer; every other PDU
+  (association set-up, the command set, the data set's last fragment, anything unusual) takes
+  pynetdicom's own path unchanged.
 * **Streaming reception** into the spool: with ``STORE_RECV_CHUNKED_DATASET`` pynetdicom writes
   each incoming C-STORE data set to a ``NamedTemporaryFile`` in the system temp directory with
   a File Meta group it builds with pydicom.  For the node's own listener the file is instead an
@@ -13,7 +20,7 @@ Two things pynetdicom 3.0 does not do the way a DICOM node needs them:
   demo PACS) keep pynetdicom's behaviour.  The handler finds its file through the public
   ``Event.dataset_path`` (:func:`received_file`).
 
-It also turns pynetdicom's per-PDU log handlers off (the node logs itself).  The two patches
+It also turns pynetdicom's per-PDU log handlers off (the node logs itself).  The patches
 replace module attributes of pynetdicom, so they are version-checked: only the pinned
 pynetdicom 3.0.x is patched (:data:`SUPPORTED`); on any other version :func:`install` changes
 nothing, and the listener receives in memory as pynetdicom does by default.  ``Node.start``
@@ -27,11 +34,13 @@ import copy
 import logging
 import mmap
 import os
+import struct
 import threading
 import uuid
 from typing import Optional
 
 import pynetdicom
+from pynetdicom import evt as _evt
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom import _config as pnd_config
 from pynetdicom import transport
@@ -64,6 +73,7 @@ def install() -> bool:
                 _installed = False
             else:
                 _install_fast_recv()
+                _install_fast_pdata()
                 _install_context_copy()
                 _installed = _install_streaming_reception()
         return _installed
@@ -143,6 +153,155 @@ def _install_fast_recv() -> None:
 
     if AssociationSocket.recv is not _fast_recv:
         AssociationSocket.recv = _fast_recv
+
+
+# ---------------------------------------------------------------------------
+# Data-set fragments straight to the file
+# ---------------------------------------------------------------------------
+_FAST_PDU_MAX = 4 * 1024 * 1024  # larger (announced, untrusted) PDU lengths take pynetdicom's path
+fast_pdus = 0  # P-DATA-TF PDUs written by the fast path in this process (tests, diagnostics)
+
+
+def _streaming_file(dul):
+    """The :class:`RxFile` the association's current C-STORE data set is being streamed into, when
+    the next PDU may go straight to it: our listener's association, no earlier PDU or event still
+    queued (so the order of fragments is kept), no handler bound to the per-PDU events."""
+    assoc = dul.assoc
+    if getattr(getattr(assoc, "ae", None), "_cag_scp", None) is None:
+        return None
+    msg = getattr(getattr(assoc, "dimse", None), "message", None)
+    rx = getattr(msg, "_data_set_file", None)
+    if not isinstance(rx, RxFile) or not dul.event_queue.empty() or not dul._recv_pdu.empty():
+        return None
+    if assoc.get_handlers(_evt.EVT_DATA_RECV) or assoc.get_handlers(_evt.EVT_PDU_RECV):
+        return None
+    return rx, msg.context_id
+
+
+def _recv_exact(sock, view: memoryview) -> int:
+    got, n = 0, len(view)
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if not k:
+            break
+        got += k
+    return got
+
+
+def _pdv_fragments(buf: memoryview, n: int, context_id) -> Optional[list[tuple[int, int]]]:
+    """(start, end) of each PDV's data in ``buf[:n]`` when every PDV is a data-set fragment that
+    is not the last one, on the message's presentation context; else None (pynetdicom decides)."""
+    out, off = [], 0
+    while off < n:
+        if off + 6 > n:
+            return None
+        length = int.from_bytes(buf[off:off + 4], "big")
+        end = off + 4 + length
+        if length < 2 or end > n or buf[off + 4] != context_id or buf[off + 5] & 3:
+            return None
+        out.append((off + 6, end))
+        off = end
+    return out or None
+
+
+def _read_pdu_data(self) -> None:
+    """``DULServiceProvider._read_pdu_data`` with the fast path for data-set fragments.
+
+    Same contract as pynetdicom 3.0's: read one PDU, put its FSM event and the decoded PDU on the
+    queues (Evt17 when the connection closes mid-PDU, Evt19 for an unknown or undecodable PDU).
+    A P-DATA-TF PDU whose fragments all continue a data set being streamed to an RxFile is
+    instead written to the file; the state machine has nothing to do for it (DT-2 in Sta6
+    changes no state) and the idle timer restarts as for any PDU read.  As such a PDU queues no
+    event, the reactor would sleep its 1 ms loop delay after each one; so while more data is
+    already waiting on the socket, the next PDU is read here (at most ``_FAST_BURST`` in a row,
+    then the reactor checks its timers and queues as usual).
+    """
+    for _ in range(_FAST_BURST):
+        if not _read_one_pdu(self) or self._kill_thread or not self.socket.ready:
+            return
+
+
+_FAST_BURST = 64
+
+
+def _read_one_pdu(self) -> bool:
+    """Read one PDU; True when it went straight to the file (nothing queued)."""
+    target = _streaming_file(self)
+    if target is None:
+        _pnd_orig["_read_pdu_data"](self)
+        return False
+    rx, context_id = target
+    try:
+        header = self.socket.recv(6)
+    except (OSError, TimeoutError):
+        log.error("connection closed before the entire PDU was received")
+        self.event_queue.put("Evt17")
+        return False
+    if len(header) != 6:
+        self.event_queue.put("Evt17")
+        return False
+    pdu_type, _, length = struct.unpack(">BBL", header)
+    if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+        log.error("unknown PDU type 0x%02X received", pdu_type)
+        self.event_queue.put("Evt19")
+        return False
+    if pdu_type != 0x04 or length > _FAST_PDU_MAX:
+        try:
+            data = bytes(self.socket.recv(length))
+        except (OSError, TimeoutError):
+            log.error("connection closed before the entire PDU was received")
+            self.event_queue.put("Evt17")
+            return False
+        _queue_pdu(self, bytes(header) + data, length)
+        return False
+    buf = self.__dict__.get("_cag_buf")
+    if buf is None or len(buf) < length:
+        buf = self.__dict__["_cag_buf"] = bytearray(max(length, 1 << 17))
+    view = memoryview(buf)
+    try:
+        try:
+            got = _recv_exact(self.socket.socket, view[:length])
+        except (OSError, TimeoutError):
+            log.error("connection closed before the entire PDU was received")
+            self.event_queue.put("Evt17")
+            return False
+        if got != length:
+            self.event_queue.put("Evt17")
+            return False
+        frags = _pdv_fragments(view, length, context_id)
+        if frags is None:  # the last fragment, a command, another context, malformed: pynetdicom's path
+            _queue_pdu(self, bytes(header) + bytes(view[:length]), length)
+            return False
+        for a, b in frags:
+            rx.write(view[a:b])
+        global fast_pdus
+        fast_pdus += 1
+        return True
+    finally:
+        view.release()
+
+
+def _queue_pdu(self, raw: bytes, length: int) -> None:
+    """The tail of pynetdicom's ``_read_pdu_data`` for a PDU read in full: decode, queue."""
+    if len(raw) != 6 + length:
+        self.event_queue.put("Evt17")
+        return
+    try:
+        pdu, event = self._decode_pdu(bytearray(raw))
+        self.event_queue.put(event)
+    except Exception:
+        log.exception("unable to decode the received PDU")
+        self.event_queue.put("Evt19")
+        return
+    self._recv_pdu.put(pdu)
+
+
+def _install_fast_pdata() -> None:
+    from pynetdicom.dul import DULServiceProvider
+
+    if DULServiceProvider._read_pdu_data is not _read_pdu_data:
+        _pnd_orig["_read_pdu_data"] = DULServiceProvider._read_pdu_data
+        DULServiceProvider._read_pdu_data = _read_pdu_data
 
 
 # ---------------------------------------------------------------------------

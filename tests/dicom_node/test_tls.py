@@ -16,7 +16,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from dicom_node.journal import Journal
 from cagtest.net import require_tools
-from cagtest.dicom import make_dataset, pyscu_send, storescu_cmd, write_dataset
+from cagtest.dicom import dataset_bytes, make_dataset, pyscu_send, storescu_cmd, write_dataset
 from cagtest.net import run_tool
 from cagtest.node import node_config
 
@@ -96,12 +96,19 @@ def test_tls_server_auth(node_proc, tmp_path, pki):
     r = run_tool(storescu_cmd(n.port, [f], extra=tls))
     assert r.returncode == 0, r.stderr
     assert pyscu_send(n.port, [f], ssl_context=_client_ctx(pki)) == [0]
+    # a data set of many 16 KiB PDUs over TLS (the node writes continuing fragments straight to
+    # the file: dicom_node.pynetdicom_ext) arrives byte for byte
+    big = make_dataset(frames=20, size=256, seed=3)
+    fb = write_dataset(big, tmp_path / "in" / "big.dcm")
+    r = run_tool(storescu_cmd(n.port, [fb], extra=[*tls, "--max-send-pdu", "16384"]))
+    assert r.returncode == 0, r.stderr
     # plain TCP to a TLS port does not associate
     r = run_tool(["echoscu", "-aet", "ECHOSCU", "-aec", "CAGNODE", "-to", "5", "-ta", "5",
                   "127.0.0.1", str(n.port)], timeout=30)
     assert r.returncode != 0
     j = Journal(f"sqlite:///{tmp_path / 'journal.db'}")
     assert j.get_instance(ds.SOPInstanceUID).calling_aet in ("STORESCU", "PYSCU")
+    assert dataset_bytes(Path(j.get_instance(big.SOPInstanceUID).path)) == dataset_bytes(fb)
     j.close()
 
 
