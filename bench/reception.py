@@ -12,6 +12,13 @@ storescp --fork children, from /proc) and the ratio node/storescp, each the
 median of --repeat interleaved runs.  The node runs receive-only (MPPS/UPS off)
 with node.processes auto (one receiver process per core); --single adds
 node.processes 1.  Both receivers write into the same temp filesystem.
+
+Each measurement starts a fresh receiver, so by default it includes a fresh
+node's first-association costs (imports, first allocations).  --warm first
+sends an untimed warm-up (4 small runs of other UIDs over 4 concurrent
+associations, so every receiver process takes one) and measures after it: what
+a node that has been up for a while costs.  storescp --fork forks a fresh child
+per association either way.
 """
 
 from __future__ import annotations
@@ -154,10 +161,13 @@ def send(port: int, files: list[Path], parallel: int) -> float:
     return time.perf_counter() - t0
 
 
-def measure(start, work: Path, files: list[Path], parallel: int) -> dict:
+def measure(start, work: Path, files: list[Path], parallel: int, warmup: list[Path] = ()) -> dict:
     rx = start(work)
     try:
         time.sleep(0.3)
+        if warmup:  # untimed, and its CPU is not counted
+            send(rx.port, list(warmup), min(4, len(warmup)))
+            time.sleep(0.5)
         cpu0 = cpu_seconds(rx.proc.pid)
         try:
             wall = send(rx.port, files, parallel)
@@ -172,7 +182,7 @@ def measure(start, work: Path, files: list[Path], parallel: int) -> dict:
         rx.stop()
     nbytes = sum(f.stat().st_size for f in files)
     stored = [p for p in rx.out_dir.rglob("*") if p.is_file() and p.parent.name != ".tmp"]
-    assert len(stored) == len(files), (rx.name, len(stored))
+    assert len(stored) == len(files) + len(warmup), (rx.name, len(stored))
     shutil.rmtree(rx.out_dir, ignore_errors=True)
     return {"receiver": rx.name, "parallel": parallel, "wall_s": wall, "MB_s": nbytes / 1e6 / wall,
             "inst_s": len(files) / wall, "cpu_s_per_GB": cpu / (nbytes / 1e9)}
@@ -186,6 +196,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3,
                     help="measure each receiver this many times, interleaved; report the median (default 3)")
     ap.add_argument("--single", action="store_true", help="also measure the node with node.processes: 1")
+    ap.add_argument("--warm", action="store_true",
+                    help="send an untimed warm-up to each fresh receiver first (see above)")
     args = ap.parse_args(argv)
     n512, n1024 = (6, 2) if args.quick else (12, 4)
     work = Path(tempfile.mkdtemp(prefix="cag-bench-"))
@@ -201,9 +213,18 @@ def main(argv=None) -> int:
         for i in range(n1024):
             make_run(src / f"run1024_{i:02d}.dcm", study, 1024, 30, 100 + i)
         files = sorted(src.glob("*.dcm"))
+    warmup: list[Path] = []
+    if args.warm:
+        wd = work / "warmup"
+        wd.mkdir()
+        study = generate_uid()
+        for i in range(4):
+            make_run(wd / f"warm_{i}.dcm", study, 512, 10, 200 + i)
+        warmup = sorted(wd.glob("*.dcm"))
     total = sum(f.stat().st_size for f in files)
     print(f"{len(files)} files, {total / 1e6:.0f} MB; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, Python {platform.python_version()}", flush=True)
+          f"{os.cpu_count()} CPUs, Python {platform.python_version()}; "
+          f"{'warm (after an untimed warm-up)' if warmup else 'cold (fresh receivers)'}", flush=True)
     results = []
     starters = [start_node, start_storescp]
     if args.nofsync:
@@ -215,7 +236,7 @@ def main(argv=None) -> int:
             runs: dict[int, list[dict]] = {}
             for _ in range(max(1, args.repeat)):  # interleaved: drift of a shared machine hits all alike
                 for k, start in enumerate(starters):
-                    runs.setdefault(k, []).append(measure(start, work, files, parallel))
+                    runs.setdefault(k, []).append(measure(start, work, files, parallel, warmup))
             for k in range(len(starters)):
                 rs = runs[k]
                 r = dict(rs[0], **{key: float(np.median([x[key] for x in rs]))
