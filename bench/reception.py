@@ -13,12 +13,12 @@ median of --repeat interleaved runs.  The node runs receive-only (MPPS/UPS off)
 with node.processes auto (one receiver process per core); --single adds
 node.processes 1.  Both receivers write into the same temp filesystem.
 
-Each measurement starts a fresh receiver, so by default it includes a fresh
-node's first-association costs (imports, first allocations).  --warm first
-sends an untimed warm-up (4 small runs of other UIDs over 4 concurrent
-associations, so every receiver process takes one) and measures after it: what
-a node that has been up for a while costs.  storescp --fork forks a fresh child
-per association either way.
+Each measurement starts a fresh receiver and sends instances it has not stored
+before (replacing stored files costs the kernel less than writing new ones, for
+either receiver).  --warm first sends an untimed warm-up (4 small runs of other
+UIDs over 4 concurrent associations, so every receiver process likely takes
+one) and measures after it: a node that has received before.  storescp --fork
+forks a fresh child per association either way.
 """
 
 from __future__ import annotations

@@ -109,6 +109,17 @@ def streaming() -> bool:
 _PREALLOC_MAX = 32 * 1024 * 1024
 
 
+def _recv_exact(sock, view: memoryview) -> int:
+    """Fill ``view`` from ``sock``; the bytes read (fewer only when the peer closed)."""
+    got, n = 0, len(view)
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if not k:
+            break
+        got += k
+    return got
+
+
 def _fast_recv(self, nr_bytes: int) -> bytearray:
     """``AssociationSocket.recv`` with ``recv_into`` instead of 4 KiB ``recv`` calls.
 
@@ -121,16 +132,8 @@ def _fast_recv(self, nr_bytes: int) -> bytearray:
     sock = self.socket
     if nr_bytes <= _PREALLOC_MAX:
         buf = bytearray(nr_bytes)
-        view = memoryview(buf)
-        got = 0
-        try:
-            while got < nr_bytes:
-                n = sock.recv_into(view[got:], nr_bytes - got)
-                if not n:
-                    break
-                got += n
-        finally:
-            view.release()
+        with memoryview(buf) as view:
+            got = _recv_exact(sock, view)
         if got < nr_bytes:
             del buf[got:]
         return buf
@@ -176,16 +179,6 @@ def _streaming_file(dul):
     if assoc.get_handlers(_evt.EVT_DATA_RECV) or assoc.get_handlers(_evt.EVT_PDU_RECV):
         return None
     return rx, msg.context_id
-
-
-def _recv_exact(sock, view: memoryview) -> int:
-    got, n = 0, len(view)
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if not k:
-            break
-        got += k
-    return got
 
 
 def _pdv_fragments(buf: memoryview, n: int, context_id) -> Optional[list[tuple[int, int]]]:
@@ -234,9 +227,7 @@ def _read_one_pdu(self) -> bool:
     try:
         header = self.socket.recv(6)
     except (OSError, TimeoutError):
-        log.error("connection closed before the entire PDU was received")
-        self.event_queue.put("Evt17")
-        return False
+        return _closed(self)
     if len(header) != 6:
         self.event_queue.put("Evt17")
         return False
@@ -247,12 +238,10 @@ def _read_one_pdu(self) -> bool:
         return False
     if pdu_type != 0x04 or length > _FAST_PDU_MAX:
         try:
-            data = bytes(self.socket.recv(length))
+            data = self.socket.recv(length)
         except (OSError, TimeoutError):
-            log.error("connection closed before the entire PDU was received")
-            self.event_queue.put("Evt17")
-            return False
-        _queue_pdu(self, bytes(header) + data, length)
+            return _closed(self)
+        _queue_pdu(self, header + data, length)
         return False
     buf = self.__dict__.get("_cag_buf")
     if buf is None or len(buf) < length:
@@ -262,15 +251,13 @@ def _read_one_pdu(self) -> bool:
         try:
             got = _recv_exact(self.socket.socket, view[:length])
         except (OSError, TimeoutError):
-            log.error("connection closed before the entire PDU was received")
-            self.event_queue.put("Evt17")
-            return False
+            return _closed(self)
         if got != length:
             self.event_queue.put("Evt17")
             return False
         frags = _pdv_fragments(view, length, context_id)
         if frags is None:  # the last fragment, a command, another context, malformed: pynetdicom's path
-            _queue_pdu(self, bytes(header) + bytes(view[:length]), length)
+            _queue_pdu(self, header + view[:length], length)
             return False
         for a, b in frags:
             rx.write(view[a:b])
@@ -281,13 +268,19 @@ def _read_one_pdu(self) -> bool:
         view.release()
 
 
-def _queue_pdu(self, raw: bytes, length: int) -> None:
+def _closed(self) -> bool:
+    log.error("connection closed before the entire PDU was received")
+    self.event_queue.put("Evt17")
+    return False
+
+
+def _queue_pdu(self, raw: bytearray, length: int) -> None:
     """The tail of pynetdicom's ``_read_pdu_data`` for a PDU read in full: decode, queue."""
     if len(raw) != 6 + length:
         self.event_queue.put("Evt17")
         return
     try:
-        pdu, event = self._decode_pdu(bytearray(raw))
+        pdu, event = self._decode_pdu(raw)
         self.event_queue.put(event)
     except Exception:
         log.exception("unable to decode the received PDU")

@@ -94,6 +94,7 @@ def test_data_set_pdus_go_straight_to_the_file_byte_identical(make_node, tmp_pat
     and the stored instance is the sent data set, byte for byte, as pynetdicom would store it."""
     import shutil
 
+    import pydicom
     from pydicom.uid import generate_uid
 
     from cagtest.dicom import dataset_bytes, make_dataset, storescu_cmd, write_dataset
@@ -112,7 +113,5 @@ def test_data_set_pdus_go_straight_to_the_file_byte_identical(make_node, tmp_pat
     stored = {Path(i.path).name: Path(i.path) for i in node.journal.study_instances(study)}
     assert len(stored) == 3
     for f in files:
-        import pydicom
-
         uid = pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
         assert dataset_bytes(stored[f"{uid}.dcm"]) == dataset_bytes(f)
